@@ -1,0 +1,218 @@
+"""Frozen configuration dataclasses: one per concern, presets as named constructors.
+
+`ModelConfig` is the canonical description of a DeepSeek-V4 target. Field names here are
+ours; HF field names, legacy upstream names (`compress_ratios`, `num_hash_layers`,
+`qk_rope_head_dim`, `rope_scaling`, ...) and the `dspark_*` fields of the -DSpark releases
+are translated in `dspark/model/load.py` and nowhere else.
+
+Vocabulary (deepseek_v4.md): D hidden, N mHC streams, H heads, hd head dim, rd rope dims,
+m compression rate, W sliding window, E experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Attention kinds per layer: sliding window only, compressed sparse (CSA, m=4 with the
+# lightning indexer) and heavily compressed (HCA, m=128, all entries attended).
+LAYER_TYPES = ("sliding", "csa", "hca")
+# Router kinds per layer: frozen token-id hash table, or learned scores + correction bias.
+MLP_TYPES = ("hash", "score")
+# What the checkpoint's `mtp.*` namespace holds.
+MTP_KINDS = ("none", "mtp", "dspark")
+SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
+ROPE_KINDS = ("default", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One rotary table. V4 has two: `main` (sliding layers) and `compress` (CSA/HCA)."""
+
+    theta: float
+    kind: str = "default"  # "default" | "yarn"
+    # YaRN only (deepseek_v4.md §5.2); truncation of the correction range is always on.
+    factor: float = 1.0
+    original_max_position: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # Multiplies cos/sin. V4 forces 1.0 for YaRN (no mscale) unless a checkpoint says otherwise.
+    attention_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"unknown rope kind {self.kind!r}; expected one of {ROPE_KINDS}")
+        if not self.theta > 0:
+            raise ValueError(f"rope theta must be positive, got {self.theta}")
+        if self.kind == "yarn" and (self.factor <= 0 or self.original_max_position <= 0):
+            raise ValueError("yarn rope needs factor > 0 and original_max_position > 0")
+
+
+@dataclass(frozen=True)
+class DSparkFields:
+    """The `dspark_*` root config fields of DeepSeek's -DSpark releases (dspark_v4.md §1.2)."""
+
+    block_size: int
+    noise_token_id: int
+    target_layer_ids: tuple[int, ...]
+    markov_rank: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # vocabulary and widths
+    vocab_size: int
+    hidden_size: int  # D
+    num_layers: int  # main decoder layers (MTP / draft stages not counted)
+    # attention: one shared latent K=V head, grouped low-rank output projection
+    num_heads: int  # H
+    head_dim: int  # hd, for q, the shared KV and compressed entries
+    rope_head_dim: int  # rd, interleaved RoPE on the trailing rd channels
+    q_lora_rank: int
+    o_groups: int  # G
+    o_lora_rank: int  # R, per-group width
+    sliding_window: int  # W, including the current token
+    layer_types: tuple[str, ...]  # per layer, from LAYER_TYPES
+    csa_rate: int  # m of CSA layers
+    hca_rate: int  # m of HCA layers
+    # lightning indexer (CSA layers)
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    # mHC residual streams
+    hc_mult: int  # N
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    rms_norm_eps: float
+    # MoE: routed experts + one shared expert of the same width
+    mlp_layer_types: tuple[str, ...]  # per layer, from MLP_TYPES
+    n_routed_experts: int  # E
+    num_experts_per_tok: int  # K
+    moe_intermediate_size: int  # I
+    scoring_func: str
+    routed_scaling_factor: float
+    swiglu_limit: float
+    # rotary tables: main for sliding layers (and MTP / draft blocks), compress for CSA/HCA
+    main_rope: RopeConfig
+    compress_rope: RopeConfig
+    max_position_embeddings: int
+    # what lives under `mtp.*` in the checkpoint
+    mtp_kind: str = "none"
+    num_mtp_layers: int = 0
+    dspark: DSparkFields | None = None
+    # tokens
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    # extra HF fields carried through unchanged on save (e.g. quantization_config), as JSON text
+    extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"invalid ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank",
+                     "o_groups", "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "index_n_heads",
+                     "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "n_routed_experts",
+                     "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+        need(len(self.layer_types) == self.num_layers,
+             f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        need(len(self.mlp_layer_types) == self.num_layers,
+             f"mlp_layer_types has {len(self.mlp_layer_types)} entries for {self.num_layers} layers")
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        need(not bad, f"unknown layer types {bad}; expected {LAYER_TYPES}")
+        bad = sorted({t for t in self.mlp_layer_types if t not in MLP_TYPES})
+        need(not bad, f"unknown mlp layer types {bad}; expected {MLP_TYPES}")
+        need(self.scoring_func in SCORING_FUNCS,
+             f"scoring_func {self.scoring_func!r} not supported; expected one of {SCORING_FUNCS}")
+        need(self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim <= min(self.head_dim, self.index_head_dim),
+             f"rope_head_dim {self.rope_head_dim} must be even and fit head_dim and index_head_dim")
+        need((self.num_heads * self.head_dim) % self.o_groups == 0 and self.num_heads % self.o_groups == 0,
+             f"o_groups {self.o_groups} must divide num_heads {self.num_heads}")
+        need(self.num_experts_per_tok <= self.n_routed_experts,
+             f"num_experts_per_tok {self.num_experts_per_tok} > n_routed_experts {self.n_routed_experts}")
+        need(self.mtp_kind in MTP_KINDS, f"mtp_kind {self.mtp_kind!r} not in {MTP_KINDS}")
+        need(self.num_mtp_layers >= 0, "num_mtp_layers must be >= 0")
+        need((self.mtp_kind == "none") == (self.num_mtp_layers == 0),
+             f"mtp_kind {self.mtp_kind!r} with {self.num_mtp_layers} mtp layers")
+        need(self.mtp_kind != "dspark" or self.dspark is not None, "mtp_kind 'dspark' needs the dspark_* fields")
+        for t in self.eos_token_ids:
+            need(0 <= t < self.vocab_size, f"eos token {t} outside the vocabulary")
+
+    # ------------------------------------------------------------------ derived values
+    def compress_rate(self, layer: int) -> int:
+        """m of a layer (0 for sliding-only layers)."""
+        kind = self.layer_types[layer]
+        return {"sliding": 0, "csa": self.csa_rate, "hca": self.hca_rate}[kind]
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.mtp_kind == "mtp"
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def truncated(self, num_layers: int) -> "ModelConfig":
+        """The same shapes with only the first `num_layers` layers (flash-proxy style)."""
+        if not 0 < num_layers <= self.num_layers:
+            raise ValueError(f"num_layers override {num_layers} must be in 1..{self.num_layers}")
+        return self.replace(num_layers=num_layers, layer_types=self.layer_types[:num_layers],
+                            mlp_layer_types=self.mlp_layer_types[:num_layers])
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, **overrides) -> "ModelConfig":
+        """Every attention and MLP type in four layers with small, odd dims (tests).
+
+        32 indexer heads keep exact index-score ties unlikely (deepseek_v4.md §9.4); the HCA rate
+        is 16 so a 64-token test crosses several HCA windows; YaRN's original length is 64 so
+        some compress-table pairs really are rescaled.
+        """
+        base = dict(
+            vocab_size=509, hidden_size=56, num_layers=4,
+            num_heads=4, head_dim=24, rope_head_dim=8, q_lora_rank=40, o_groups=2, o_lora_rank=12,
+            sliding_window=16, layer_types=("sliding", "csa", "hca", "csa"), csa_rate=4, hca_rate=16,
+            index_n_heads=32, index_head_dim=16, index_topk=4,
+            hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6,
+            mlp_layer_types=("hash", "hash", "score", "score"), n_routed_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=20, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+            main_rope=RopeConfig(theta=10000.0),
+            compress_rope=RopeConfig(theta=160000.0, kind="yarn", factor=16.0, original_max_position=64),
+            max_position_embeddings=1024, mtp_kind="mtp", num_mtp_layers=1,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def flash(cls, **overrides) -> "ModelConfig":
+        """DeepSeek-V4-Flash shapes (published config.json, deepseek_v4.md §2.1)."""
+        layer_types = ("sliding", "sliding") + ("csa", "hca") * 20 + ("csa",)
+        base = dict(
+            vocab_size=129280, hidden_size=4096, num_layers=43,
+            num_heads=64, head_dim=512, rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024,
+            sliding_window=128, layer_types=layer_types, csa_rate=4, hca_rate=128,
+            index_n_heads=64, index_head_dim=128, index_topk=512,
+            hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6,
+            mlp_layer_types=("hash",) * 3 + ("score",) * 40, n_routed_experts=256, num_experts_per_tok=6,
+            moe_intermediate_size=2048, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+            main_rope=RopeConfig(theta=10000.0),
+            compress_rope=RopeConfig(theta=160000.0, kind="yarn", factor=16.0, original_max_position=65536),
+            max_position_embeddings=1048576, mtp_kind="mtp", num_mtp_layers=1,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def flash_proxy(cls, num_layers: int = 4, **overrides) -> "ModelConfig":
+        """V4-Flash layer shapes with few layers and random weights (GPU timing)."""
+        return cls.flash(**overrides).truncated(num_layers)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        presets = {"tiny": cls.tiny, "flash": cls.flash, "flash-proxy": cls.flash_proxy}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+        return presets[name]()

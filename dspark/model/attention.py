@@ -1,0 +1,263 @@
+"""V4 attention: one shared latent K=V head with sinks, sliding window, and the CSA / HCA compressors.
+
+Each module exposes its pieces (projections, window pooling, indexer scoring) so that the dense
+full-sequence forward here and the cached ragged forward of the engine share every formula and
+differ only in where keys come from. Facts: deepseek_v4.md §6–§9.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dspark import ops
+from dspark.config import ModelConfig
+from dspark.model.batch import StepIndex
+from dspark.model.cache import LayerCache
+from dspark.model.layers import GroupedLinear, RMSNorm, RotaryTable, apply_rope, linear, unweighted_rms_norm
+
+
+class Compressor(nn.Module):
+    """Pools the raw (kv, gate) projections of each complete window of m tokens into one entry.
+
+    HCA (`overlap=False`): entry w pools the m tokens of window w. CSA (`overlap=True`, projections of
+    width 2C): each token's first half (Ca) feeds the NEXT window's entry and its second half (Cb)
+    its own, so entry w pools 2m slots: Ca of window w−1 then Cb of window w (window −1 is empty).
+    Entries are kv_norm'ed and roped (compress table) at position w·m.
+    """
+
+    def __init__(self, config: ModelConfig, width: int, rate: int, overlap: bool, rotary: RotaryTable):
+        super().__init__()
+        series = 2 if overlap else 1
+        self.width, self.rate, self.overlap = width, rate, overlap
+        self.kv_proj = linear(config.hidden_size, series * width)
+        self.gate_proj = linear(config.hidden_size, series * width)
+        self.position_bias = nn.Parameter(torch.empty(rate, series * width))
+        self.kv_norm = RMSNorm(width, config.rms_norm_eps)
+        self.rotary = rotary
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] → raw kv, gate [..., series·C]; the gate WITHOUT the position bias (cacheable)."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor | None,
+             prev_gate: torch.Tensor | None, window: torch.Tensor) -> torch.Tensor:
+        """One entry per window.
+
+        kv, gate [..., m, series·C]: raw projections of the window's m tokens (in slot order);
+        prev_kv, prev_gate: the same for window w−1 (CSA only; a gate of −inf marks an empty slot);
+        window [...] int: the window index w. → entries [..., C] in kv's dtype.
+        """
+        gate = gate.float() + self.position_bias
+        if self.overlap:
+            c = self.width
+            prev_gate = prev_gate.float() + self.position_bias
+            kv = torch.cat([prev_kv[..., :c], kv[..., c:]], dim=-2)  # [..., 2m, C]
+            gate = torch.cat([prev_gate[..., :c], gate[..., c:]], dim=-2)
+        entry = self.kv_norm(ops.compress_windows(kv, gate).to(kv.dtype))
+        cos, sin = self.rotary(window * self.rate)
+        return apply_rope(entry, cos, sin)
+
+    def write_closing_entries(self, x: torch.Tensor, idx: StepIndex, raw_kv: torch.Tensor, raw_gate: torch.Tensor,
+                              pool: torch.Tensor, block_table: torch.Tensor, dummy_slot: int) -> None:
+        """Cached path: pool every window whose last token is in this forward, store it in the paged
+        `pool` [pages, P/m, C], then append this forward's raw projections to the rings."""
+        m, pos = self.rate, idx.positions
+        kv, gate = self.project(x)  # [T, series·C]
+        window = (pos + 1) // m - 1  # the window token t closes (when (t+1) mod m == 0)
+        closes = idx.valid & ((pos + 1) % m == 0)
+        cur = window.clamp(min=0).unsqueeze(-1) * m + torch.arange(m, device=x.device)  # [T, m]
+        cur_kv, cur_gate = idx.gather(kv, raw_kv, cur), idx.gather(gate, raw_gate, cur)
+        prev_kv = prev_gate = None
+        if self.overlap:
+            prev = cur - m
+            has_prev = (prev >= 0).unsqueeze(-1)
+            prev_kv = torch.where(has_prev, idx.gather(kv, raw_kv, prev), 0.0)
+            prev_gate = torch.where(has_prev, idx.gather(gate, raw_gate, prev), float("-inf"))
+        entry = self.pool(cur_kv, cur_gate, prev_kv, prev_gate, window.clamp(min=0))  # [T, C]
+        page_size = pool.shape[1] * m
+        first = window.clamp(min=0) * m
+        page = torch.where(closes, block_table[idx.slot, first // page_size], 0)  # page 0: trash
+        pool[page, (first % page_size) // m] = entry.to(pool.dtype)
+        idx.ring_write(raw_kv, kv, dummy_slot)
+        idx.ring_write(raw_gate, gate, dummy_slot)
+
+    def read_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
+        """Every entry slot of each token's request → (entries [T, E, C], visible [T]); entries
+        w ≥ visible (window not closed by t) are zeroed (they may be stale or garbage)."""
+        m = self.rate
+        page_size = pool.shape[1] * m
+        first = torch.arange(block_table.shape[1] * pool.shape[1], device=pool.device) * m  # [E] first tokens
+        pages = block_table[idx.slot][:, first // page_size]  # [T, E]
+        entries = pool[pages, (first % page_size) // m]  # [T, E, C]
+        visible = (idx.positions + 1) // m
+        seen = torch.arange(entries.shape[1], device=pool.device) < visible.unsqueeze(-1)
+        return torch.where(seen.unsqueeze(-1), entries, 0.0), visible
+
+    def dense_entries(self, x: torch.Tensor) -> torch.Tensor:
+        """All entries of full sequences starting at position 0: x [B, S, D] → [B, S // m, C]."""
+        b, s, _ = x.shape
+        n = s // self.rate
+        kv, gate = self.project(x[:, : n * self.rate])
+        kv, gate = kv.unflatten(1, (n, self.rate)), gate.unflatten(1, (n, self.rate))  # [B, n, m, ·]
+        prev_kv = prev_gate = None
+        if self.overlap:
+            prev_kv = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1]], dim=1)
+            prev_gate = torch.cat([torch.full_like(gate[:, :1], float("-inf")), gate[:, :-1]], dim=1)
+        window = torch.arange(n, device=x.device).expand(b, n)
+        return self.pool(kv, gate, prev_kv, prev_gate, window)
+
+
+class IndexerScorer(nn.Module):
+    """Per-head weights of the indexer score (HF keeps this projection in its own module)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weights_proj = linear(config.hidden_size, config.index_n_heads)
+        self.scaling = config.index_n_heads ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] → [..., Hi] fp32."""
+        return self.weights_proj(x).float() * self.scaling
+
+
+class Indexer(Compressor):
+    """The lightning indexer: a CSA-style compressor at width di plus its own queries and scorer."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryTable):
+        super().__init__(config, config.index_head_dim, config.csa_rate, overlap=True, rotary=rotary)
+        self.num_heads = config.index_n_heads
+        self.q_b_proj = linear(config.q_lora_rank, config.index_n_heads * config.index_head_dim)
+        self.scorer = IndexerScorer(config)
+
+    def queries(self, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q_lat [..., q_lora_rank] → roped indexer queries [..., Hi, di] (no norm)."""
+        q = self.q_b_proj(q_lat).unflatten(-1, (self.num_heads, self.width))
+        return apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+
+
+class Attention(nn.Module):
+    """One V4 attention layer (sliding, CSA or HCA)."""
+
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.window = config.sliding_window
+        self.eps = config.rms_norm_eps
+        self.scale = config.head_dim ** -0.5
+        # Sliding layers use the main table; CSA/HCA layers use the compress table everywhere
+        # (queries, window keys, entries, indexer).
+        rope = config.main_rope if layer_type == "sliding" else config.compress_rope
+        self.rotary = RotaryTable(rope, config.rope_head_dim)
+
+        self.q_a_proj = linear(config.hidden_size, config.q_lora_rank)
+        self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.q_b_proj = linear(config.q_lora_rank, config.num_heads * config.head_dim)
+        self.kv_proj = linear(config.hidden_size, config.head_dim)
+        self.kv_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.o_groups = config.o_groups
+        self.o_a_proj = GroupedLinear(config.num_heads * config.head_dim // config.o_groups,
+                                      config.o_groups * config.o_lora_rank, config.o_groups)
+        self.o_b_proj = linear(config.o_groups * config.o_lora_rank, config.hidden_size)
+        self.sinks = nn.Parameter(torch.empty(config.num_heads))
+
+        self.compressor: Compressor | None = None
+        if layer_type == "csa":
+            self.compressor = Compressor(config, config.head_dim, config.csa_rate, overlap=True, rotary=self.rotary)
+            self.compressor.indexer = Indexer(config, self.rotary)
+            self.index_topk = config.index_topk
+        elif layer_type == "hca":
+            self.compressor = Compressor(config, config.head_dim, config.hca_rate, overlap=False, rotary=self.rotary)
+
+    # ---------------------------------------------------------------- shared pieces
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [..., D] → q [..., H, hd] (per-head unweighted RMSNorm, roped) and q_lat [..., q_lora_rank]."""
+        q_lat = self.q_a_norm(self.q_a_proj(x))
+        q = unweighted_rms_norm(self.q_b_proj(q_lat).unflatten(-1, (self.num_heads, self.head_dim)), self.eps)
+        return apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), q_lat
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [..., D] → the shared K=V row [..., hd], normed and roped."""
+        return apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+
+    def project_out(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """o [..., H, hd] → [..., D]: undo the value rotation at the query position, grouped projection."""
+        o = apply_rope(o, cos.unsqueeze(-2), sin.unsqueeze(-2), inverse=True)
+        grouped = o.flatten(-2).unflatten(-1, (self.o_groups, -1))  # [..., G, H·hd/G]
+        return self.o_b_proj(self.o_a_proj(grouped).flatten(-2))
+
+    def select_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """CSA: the indexer's top-k entries per query → bool [B, T, W] over the W index keys."""
+        indexer = self.compressor.indexer
+        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x))
+        top = ops.indexer_topk(scores, visible, self.index_topk)  # [B, T, k], -1 = none
+        chosen = torch.zeros(*top.shape[:-1], index_keys.shape[1] + 1, dtype=torch.bool, device=x.device)
+        chosen.scatter_(-1, torch.where(top < 0, index_keys.shape[1], top), True)
+        return chosen[..., :-1]
+
+    # ---------------------------------------------------------------- cached ragged forward
+    def forward_cached(self, x: torch.Tensor, idx: StepIndex, cache: LayerCache, block_table: torch.Tensor,
+                       dummy_slot: int) -> torch.Tensor:
+        """Flat tokens x [T, D] of a ragged batch → [T, D], reading and extending `cache`.
+
+        Keys per query: the W window positions (committed ones from the ring, the request's new
+        ones from the batch) and, for CSA/HCA, the compressed entries visible at its position,
+        including entries whose window closed earlier in this same forward.
+        """
+        pos = idx.positions
+        cos, sin = self.rotary(pos)
+        q, q_lat = self.project_q(x, cos, sin)
+        kv = self.project_kv(x, cos, sin)  # [T, hd]
+        win = pos.unsqueeze(-1) - (self.window - 1) + torch.arange(self.window, device=x.device)  # [T, W]
+        allowed = win >= 0
+        if not idx.causal:
+            # Block-bidirectional: also the request's later new tokens (always within the window).
+            later = pos.unsqueeze(-1) + 1 + torch.arange(self.window - 1, device=x.device)
+            win = torch.cat([win, later], dim=-1)
+            allowed = torch.cat([allowed, later < idx.chunk_end.unsqueeze(-1)], dim=-1)
+        keys = idx.gather(kv, cache.window, win)  # [T, W(+W−1), hd]
+        if self.compressor is not None:
+            comp = self.compressor
+            comp.write_closing_entries(x, idx, cache.raw_kv, cache.raw_gate, cache.entries, block_table, dummy_slot)
+            entries, visible = comp.read_entries(idx, cache.entries, block_table)  # [T, E, hd]
+            if self.layer_type == "csa":
+                indexer = comp.indexer
+                indexer.write_closing_entries(x, idx, cache.idx_raw_kv, cache.idx_raw_gate, cache.index_keys,
+                                              block_table, dummy_slot)
+                index_keys, _ = indexer.read_entries(idx, cache.index_keys, block_table)
+                chosen = self.select_entries(x.unsqueeze(1), q_lat.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1),
+                                             index_keys, visible.unsqueeze(1))[:, 0]  # [T, E]
+            else:
+                chosen = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
+            keys = torch.cat([keys, entries], dim=1)
+            allowed = torch.cat([allowed, chosen], dim=-1)
+        keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)  # masked rows may hold stale values
+        o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), self.sinks, self.scale)[:, 0]
+        idx.ring_write(cache.window, kv, dummy_slot)
+        return self.project_out(o, cos, sin)
+
+    # ---------------------------------------------------------------- dense forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full sequences from position 0, no cache: x [B, S, D] → [B, S, D]."""
+        b, s, _ = x.shape
+        pos = torch.arange(s, device=x.device)
+        cos, sin = self.rotary(pos.expand(b, s))
+        q, q_lat = self.project_q(x, cos, sin)
+        keys = self.project_kv(x, cos, sin)  # [B, S, hd]
+        # Window: query t reads tokens t−W < j ≤ t.
+        allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
+        allowed = allowed.expand(b, s, s)
+        if self.compressor is not None:
+            entries = self.compressor.dense_entries(x)  # [B, W, hd]
+            visible = ((pos + 1) // self.compressor.rate).expand(b, s)  # entries whose window closed
+            if self.layer_type == "csa":
+                index_keys = self.compressor.indexer.dense_entries(x)
+                entry_allowed = self.select_entries(x, q_lat, cos, sin, index_keys, visible)
+            else:
+                entry_allowed = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
+            keys = torch.cat([keys, entries], dim=1)
+            allowed = torch.cat([allowed, entry_allowed], dim=-1)
+        o = ops.sink_attention(q, keys, allowed, self.sinks, self.scale)
+        return self.project_out(o, cos, sin)

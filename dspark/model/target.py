@@ -1,0 +1,256 @@
+"""The DeepSeek-V4 target model (HF transformers 5.24 semantics, deepseek_v4.md).
+
+Module and parameter names equal HF's in-memory `DeepseekV4ForCausalLM` names, so an HF
+`state_dict` loads 1:1; upstream names and quantised releases go through `dspark.model.load`.
+The dense `forward` here runs full sequences without a cache: it is the specification every
+cached / ragged path is tested against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from dspark import ops
+from dspark.config import ModelConfig
+from dspark.model.attention import Attention
+from dspark.model.batch import Batch, StepIndex
+from dspark.model.cache import LayerCache, TargetCache
+from dspark.model.layers import RMSNorm, linear
+from dspark.model.mhc import HyperConnection, HyperHead
+from dspark.model.moe import MoE
+
+# Parameters kept in fp32 whatever the model dtype (deepseek_v4.md §3): every norm weight, all mHC
+# parameters, sinks, compressor position biases and the router correction bias.
+_FP32_MODULES = (RMSNorm, HyperConnection, HyperHead)
+_FP32_NAMES = ("sinks", "position_bias", "e_score_correction_bias")
+
+AttendFn = Callable[[Attention, torch.Tensor], torch.Tensor]
+
+
+class DecoderLayer(nn.Module):
+    """Attention + MoE, each wrapped in an mHC collapse / expand of the N residual streams."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, mlp_type: str):
+        super().__init__()
+        self.self_attn = Attention(config, layer_type)
+        self.mlp = MoE(config, mlp_type)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, attend: AttendFn,
+                valid: torch.Tensor | None = None, expert_load: torch.Tensor | None = None) -> torch.Tensor:
+        """streams [..., N, D], input_ids [...] → streams. `attend(self_attn, x)` runs the attention
+        (dense or cached) on the normed block input x [..., D]; `valid` False marks padding."""
+        post, comb, x = self.attn_hc(streams)
+        streams = ops.hc_expand(post, comb, attend(self.self_attn, self.input_layernorm(x)), streams)
+        post, comb, x = self.ffn_hc(streams)
+        f = self.mlp(self.post_attention_layernorm(x), input_ids, valid, expert_load)
+        return ops.hc_expand(post, comb, f, streams)
+
+
+def dense_attend(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    return attn(x)
+
+
+class Backbone(nn.Module):
+    """HF's `model.*` namespace: embeddings, decoder layers, final collapse and norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, lt, mt) for lt, mt in zip(config.layer_types, config.mlp_layer_types))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hc_head = HyperHead(config)
+
+
+def cached_attend(idx: StepIndex, cache: LayerCache, block_table: torch.Tensor, dummy_slot: int) -> AttendFn:
+    return lambda attn, x: attn.forward_cached(x, idx, cache, block_table, dummy_slot)
+
+
+class TargetOutput(NamedTuple):
+    logits: torch.Tensor  # [B, S, V] fp32
+    streams: torch.Tensor  # [B, S, N, D] last layer's output streams, before hc_head / norm (the MTP input)
+    taps: dict[int, torch.Tensor]  # layer index → that layer's output, mean over the N streams [B, S, D]
+
+
+class DeepseekV4(nn.Module):
+    """DeepSeek-V4 causal LM (+ its MTP module when the checkpoint has one)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = linear(config.hidden_size, config.vocab_size)
+        if config.mtp_kind == "mtp":
+            from dspark.model.mtp import MTPBlock
+
+            self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_mtp_layers))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def empty(cls, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> "DeepseekV4":
+        """Uninitialised weights allocated once on `device` in `dtype` (fp32 islands stay fp32).
+
+        Built on the meta device first, so no fp32 copy of a large model ever exists.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_dtype(dtype)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        return model
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> "DeepseekV4":
+        """Random weights in which every parameter and buffer is non-trivial (deepseek_v4.md §14.1)."""
+        model = cls.empty(config, dtype=torch.float32, device=device)
+        randomize_(model, torch.Generator(device="cpu").manual_seed(seed))
+        return model.to_dtype(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", num_layers: int | None = None) -> "DeepseekV4":
+        """Load an HF-named, upstream-named or sharded FP8/FP4 checkpoint directory."""
+        from dspark.model.load import load_model
+
+        return load_model(path, dtype=dtype, device=device, num_layers=num_layers)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json + safetensors with upstream names (the only layout that can hold `mtp.*`)."""
+        from dspark.model.load import save_pretrained
+
+        save_pretrained(self, path)
+
+    def to_dtype(self, dtype: torch.dtype) -> "DeepseekV4":
+        """Cast floating parameters to `dtype`, keeping the fp32 islands (never use `.to(bf16)`)."""
+        for module in self.modules():
+            keep = isinstance(module, _FP32_MODULES)
+            for name, p in list(module.named_parameters(recurse=False)):
+                target = torch.float32 if keep or name in _FP32_NAMES else dtype
+                if p.dtype != target:
+                    p.data = p.data.to(target)
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b.is_floating_point() and name not in _FP32_NAMES and name != "inv_freq" and b.dtype != dtype:
+                    setattr(module, name, b.to(dtype))
+        return self
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (rotary tables) after `to_empty`."""
+        from dspark.model.layers import RotaryTable, rope_inv_freq
+
+        for module in self.modules():
+            if isinstance(module, RotaryTable):
+                module.inv_freq = rope_inv_freq(module.rope, module.rope_dim).to(module.inv_freq.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether an MTP module was built (the checkpoint's `mtp.*` holds one)."""
+        return self.config.mtp_kind == "mtp"
+
+    # ---------------------------------------------------------------- dense forward
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """API-boundary validation (host sync): shape, dtype, vocabulary range, length."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty (sequence length 0)")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size})")
+
+    def run(self, input_ids: torch.Tensor, tap_layers: tuple[int, ...] = ()) -> TargetOutput:
+        """Full sequences from position 0, no cache. input_ids [B, S] → TargetOutput."""
+        self.check_input_ids(input_ids)
+        for layer in tap_layers:
+            if not 0 <= layer < self.config.num_layers:
+                raise ValueError(f"tap layer {layer} outside 0..{self.config.num_layers - 1}")
+        embed = self.model.embed_tokens(input_ids)  # [B, S, D]
+        streams = embed.unsqueeze(-2).expand(*embed.shape[:-1], self.config.hc_mult, -1).contiguous()
+        taps = {}
+        for i, layer in enumerate(self.model.layers):
+            streams = layer(streams, input_ids, dense_attend)
+            if i in tap_layers:
+                taps[i] = streams.float().mean(dim=-2).to(streams.dtype)
+        return TargetOutput(self.logits(streams), streams, taps)
+
+    def logits(self, streams: torch.Tensor) -> torch.Tensor:
+        """Last-layer streams [..., N, D] → fp32 logits [..., V]."""
+        h = self.model.norm(self.model.hc_head(streams))
+        return torch.nn.functional.linear(h.float(), self.lm_head.weight.float())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] (positions 0..S−1, no cache) → fp32 logits [B, S, V]."""
+        return self.run(input_ids).logits
+
+    # ---------------------------------------------------------------- cached ragged forward
+    def forward_batch(self, batch: Batch, cache: TargetCache, tap_layers: tuple[int, ...] = (),
+                      expert_load: torch.Tensor | None = None) -> TargetOutput:
+        """One forward over a flat ragged batch, extending `cache` (architecture.md §2).
+
+        Returns fp32 logits [L, V] for `batch.logits_rows`, the last layer's streams [T, N, D] (the
+        MTP's input) and the tapped layers' stream means [T, D]. Preconditions (documented, not
+        checked: no host syncs here): ids in the vocabulary, each row's positions are cache_len,
+        cache_len+1, ..., its slot admitted with room for them. `expert_load` [layers, E] counts
+        expert assignments per layer when given.
+        """
+        idx = StepIndex(batch)
+        embed = self.model.embed_tokens(batch.input_ids)  # [T, D]
+        streams = embed.unsqueeze(-2).expand(*embed.shape[:-1], self.config.hc_mult, -1).contiguous()
+        taps = {}
+        for i, layer in enumerate(self.model.layers):
+            attend = cached_attend(idx, cache.layers[i], cache.block_table, cache.dummy_slot)
+            load = None if expert_load is None else expert_load[i]
+            streams = layer(streams, batch.input_ids, attend, batch.valid, load)
+            if i in tap_layers:
+                taps[i] = streams.float().mean(dim=-2).to(streams.dtype)
+        return TargetOutput(self.logits(streams[batch.logits_rows]), streams, taps)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, gen: torch.Generator) -> None:
+    """Fill every parameter and buffer with non-degenerate random values (deepseek_v4.md §14.1):
+    norm weights 1+0.1z, sinks z, position_bias 0.5z, mHC base 0.5z / scale 1+0.2z / fn 0.05z,
+    correction bias 0.1z, tid2eid K distinct experts per token, matrices z/sqrt(fan_in)."""
+
+    def z(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, RMSNorm):
+                p.copy_(1 + 0.1 * z(p))
+            elif name in ("sinks",):
+                p.copy_(z(p))
+            elif name in ("position_bias", "base", "hc_base"):
+                p.copy_(0.5 * z(p))
+            elif name in ("scale", "hc_scale"):
+                p.copy_(1 + 0.2 * z(p))
+            elif name in ("fn", "hc_fn"):
+                p.copy_(0.05 * z(p))
+            else:
+                p.copy_(z(p) / p.shape[-1] ** 0.5)
+        for name, b in module.named_buffers(recurse=False):
+            if name == "e_score_correction_bias":
+                b.copy_(0.1 * z(b))
+            elif name == "tid2eid":
+                n_experts = module.weight.shape[0]
+                b.copy_(torch.rand(b.shape[0], n_experts, generator=gen).argsort(-1)[:, : b.shape[1]].to(b.device))

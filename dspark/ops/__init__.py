@@ -1,0 +1,19 @@
+"""The op surface used by `dspark.model` and `dspark.decode`.
+
+Each op module holds its plain-PyTorch reference (`<op>_ref`, the specification) and the name the
+rest of the package calls; Triton kernels join them in the kernels issue (#7).
+"""
+
+from dspark.ops.attention import sink_attention, sink_attention_ref
+from dspark.ops.compressor import compress_windows, compress_windows_ref
+from dspark.ops.indexer import indexer_scores, indexer_scores_ref, indexer_topk, indexer_topk_ref
+from dspark.ops.mhc import hc_collapse, hc_expand, hc_head, hc_weights
+from dspark.ops.moe import (experts, experts_ref, hash_route_ref, score_route_ref, swiglu_ref,
+                            topk_lowest_index)
+
+__all__ = [
+    "sink_attention", "sink_attention_ref", "compress_windows", "compress_windows_ref",
+    "indexer_scores", "indexer_scores_ref", "indexer_topk", "indexer_topk_ref",
+    "hc_collapse", "hc_expand", "hc_head", "hc_weights",
+    "experts", "experts_ref", "hash_route_ref", "score_route_ref", "swiglu_ref", "topk_lowest_index",
+]

@@ -1,0 +1,87 @@
+"""Mixture of experts: routing and the SwiGLU expert computation.
+
+Layouts: N tokens, D hidden, E experts, K experts per token, I expert width.
+
+    x        [N, D]        router / expert input (post_attention_layernorm output)
+    gate_w   [E, D]        router weight
+    bias     [E]           fp32 correction bias, used for SELECTION only (score routing)
+    tid2eid  [V, K]        hash routing table (hash layers), int
+    indices  [N, K] int64  chosen experts; -1 marks a slot that routes nowhere (padding)
+    weights  [N, K] fp32   routing weights, renormalised then × routed_scaling_factor
+    gate_up  [E, 2I, D]    rows [:I] gate (w1), rows [I:] up (w3);  down [E, D, I] (w2)
+
+Scores: s = sqrt(softplus(x·gate_wᵀ)) ("sqrtsoftplus") or sigmoid; weights = s[idx] / (Σ s[idx] + 1e-20)
+× scaling. Ties in the top-k selection are broken by the lowest expert index (architecture.md §9).
+SwiGLU with V4's clamp: gate ≤ limit (max only), up ∈ [−limit, limit]; y = (silu(g)·u)·downᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def router_scores_ref(x: torch.Tensor, gate_w: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    logits = F.linear(x, gate_w)  # [N, E], model dtype as in HF
+    if scoring_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"unknown scoring_func {scoring_func!r}")
+
+
+def topk_lowest_index(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along the last dim; ties go to the lower index."""
+    # A stable descending sort keeps equal values in index order.
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route_ref(scores: torch.Tensor, indices: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Routing weights for chosen `indices` [N, K] (-1 = nowhere, weight 0) → fp32 [N, K]."""
+    picked = scores.float().gather(-1, indices.clamp(min=0)) * (indices >= 0)
+    return picked / (picked.sum(-1, keepdim=True) + 1e-20) * scaling
+
+
+def score_route_ref(x, gate_w, bias, k: int, scoring_func: str, scaling: float):
+    """Score routing → (weights fp32 [N, K], indices int64 [N, K])."""
+    scores = router_scores_ref(x, gate_w, scoring_func)
+    indices = topk_lowest_index(scores.float() + bias.float(), k)
+    return route_ref(scores, indices, scaling), indices
+
+
+def hash_route_ref(x, gate_w, tid2eid, input_ids, scoring_func: str, scaling: float):
+    """Hash routing: experts from tid2eid[input_ids], weights from the learned scores."""
+    scores = router_scores_ref(x, gate_w, scoring_func)
+    indices = tid2eid[input_ids].long()
+    return route_ref(scores, indices, scaling), indices
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def experts_ref(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor, limit: float, token_chunk: int = 64) -> torch.Tensor:
+    """Σ_k weights[:, k] · expert_{indices[:, k]}(x) → [N, D] in x's dtype (fp32 accumulation).
+
+    Each (token, slot) gathers its own expert's weights, so the reference has no host syncs; a
+    slot with index -1 contributes exactly zero (the kernel will skip it outright). Tokens go in
+    fixed-size chunks to bound the gathered-weight memory.
+    """
+    n, k = indices.shape
+    inter = gate_up.shape[1] // 2
+    out = torch.zeros(n, down.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, n, token_chunk):
+        rows = slice(start, start + token_chunk)
+        xc, idx, w = x[rows], indices[rows], weights[rows]
+        live = idx >= 0
+        safe = idx.clamp(min=0)
+        for slot in range(k):
+            h = torch.einsum("nd,nid->ni", xc, gate_up[safe[:, slot]])  # [n, 2I]
+            y = torch.einsum("ni,ndi->nd", swiglu_ref(h[:, :inter], h[:, inter:], limit), down[safe[:, slot]])
+            out[rows] += torch.where(live[:, slot, None], y.float() * w[:, slot, None], 0.0)
+    return out.to(x.dtype)
+
+
+# TODO(#7): sync-free permutation + grouped GEMM kernel; the reference serves every path now.
+experts = experts_ref
