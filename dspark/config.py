@@ -216,3 +216,30 @@ class ModelConfig:
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
         return presets[name]()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters (architecture.md §9); validated by `validate`."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off; keeps every token tied with the k-th
+    top_p: float = 1.0  # 1 = off; keeps the crossing token and its ties
+    seed: int | None = None  # None: a fresh random seed per request
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens: int = 16
+
+    def validate(self, vocab_size: int) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop token ids {bad} outside the vocabulary [0, {vocab_size})")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")

@@ -8,6 +8,9 @@ from dspark.ops.attention import sink_attention, sink_attention_ref
 from dspark.ops.compressor import compress_windows, compress_windows_ref
 from dspark.ops.indexer import indexer_scores, indexer_scores_ref, indexer_topk, indexer_topk_ref
 from dspark.ops.mhc import hc_collapse, hc_expand, hc_head, hc_weights
+from dspark.ops.rejection import chain_rejection, chain_rejection_ref
+from dspark.ops.rng import uniforms
+from dspark.ops.sampling import probs, probs_ref, sample, sample_ref
 from dspark.ops.moe import (experts, experts_ref, hash_route_ref, score_route_ref, swiglu_ref,
                             topk_lowest_index)
 
@@ -15,5 +18,6 @@ __all__ = [
     "sink_attention", "sink_attention_ref", "compress_windows", "compress_windows_ref",
     "indexer_scores", "indexer_scores_ref", "indexer_topk", "indexer_topk_ref",
     "hc_collapse", "hc_expand", "hc_head", "hc_weights",
+    "chain_rejection", "chain_rejection_ref", "uniforms", "probs", "probs_ref", "sample", "sample_ref",
     "experts", "experts_ref", "hash_route_ref", "score_route_ref", "swiglu_ref", "topk_lowest_index",
 ]

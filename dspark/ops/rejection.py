@@ -51,7 +51,8 @@ def chain_rejection_ref(target_logits, start, verify_len, draft_logits, draft_to
     is_stop = (draft_tokens.unsqueeze(-1) == stop_tokens.unsqueeze(1)).any(-1)  # [R, γ]
     stop_in_prefix = is_stop & (j[:gamma] < accepted.unsqueeze(-1))
     draft_stop = stop_in_prefix.any(-1)
-    accepted = torch.where(draft_stop, stop_in_prefix.float().argmax(-1) + 1, accepted)
+    first_stop = (~stop_in_prefix).long().cumprod(-1).sum(-1)  # drafts before the first stop
+    accepted = torch.where(draft_stop, first_stop + 1, accepted)
 
     # Next token: from the residual at row a when a draft was rejected, else the bonus at row ℓ.
     pick = accepted.view(r, 1, 1).expand(r, 1, v)

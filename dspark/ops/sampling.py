@@ -46,7 +46,8 @@ def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     p = torch.where(p >= _keep_from(sorted_p, c), p, 0.0)
     p = p / p.sum(-1, keepdim=True)
 
-    onehot = torch.nn.functional.one_hot(logits.argmax(-1), v).float()
+    # scatter, not F.one_hot: one_hot validates its input on the host (a sync).
+    onehot = torch.zeros_like(p).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy.unsqueeze(-1), onehot, p)
 
 

@@ -1,0 +1,50 @@
+"""Per-slot device state one decoding step reads and writes (allocated once at max_batch rows).
+
+Row r belongs to cache slot r. Rows of idle slots hold stale values that no step commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark.config import SamplingParams
+
+
+@dataclass
+class SlotState:
+    anchor: torch.Tensor  # [R] int64: the next token to verify (sampled, not yet in the cache)
+    temperature: torch.Tensor  # [R] fp32
+    top_k: torch.Tensor  # [R] int64
+    top_p: torch.Tensor  # [R] fp32
+    seed: torch.Tensor  # [R] int64
+    offset: torch.Tensor  # [R] int64: uniforms drawn so far (see dspark.ops.rng)
+    stop_tokens: torch.Tensor  # [R, S] int64, padded with −1
+    decoding: torch.Tensor  # [R] bool: the slot takes part in this round (set by the host loop)
+
+    @classmethod
+    def allocate(cls, max_batch: int, max_stop_tokens: int, device) -> "SlotState":
+        def zeros(dtype, *shape):
+            return torch.zeros(max_batch, *shape, dtype=dtype, device=device)
+
+        return cls(anchor=zeros(torch.long), temperature=zeros(torch.float32), top_k=zeros(torch.long),
+                   top_p=torch.ones(max_batch, device=device), seed=zeros(torch.long), offset=zeros(torch.long),
+                   stop_tokens=torch.full((max_batch, max_stop_tokens), -1, dtype=torch.long, device=device),
+                   decoding=zeros(torch.bool))
+
+    def assign(self, slot: int, params: SamplingParams, seed: int, stop_tokens: tuple[int, ...]) -> None:
+        """Host-side: load a request's parameters into its row (before its first step)."""
+        if len(stop_tokens) > self.stop_tokens.shape[1]:
+            raise ValueError(f"at most {self.stop_tokens.shape[1]} stop token ids per request, got {len(stop_tokens)}")
+        self.temperature[slot] = params.temperature
+        self.top_k[slot] = params.top_k
+        self.top_p[slot] = params.top_p
+        self.seed[slot] = seed
+        self.offset[slot] = 0
+        self.stop_tokens[slot] = -1
+        if stop_tokens:
+            self.stop_tokens[slot, : len(stop_tokens)] = torch.tensor(stop_tokens, device=self.stop_tokens.device)
+
+    def sampling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.temperature, self.top_k, self.top_p

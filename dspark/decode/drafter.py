@@ -1,0 +1,65 @@
+"""The drafter interface every method plugs into, and the no-draft `ar` drafter.
+
+A drafter proposes γ tokens per slot from its own context, then observes what the target
+committed after every forward so that its context grows and rolls back with the target's.
+
+    propose(slots, u [R, γ]) → Proposal     tokens [R, γ], logits [R, γ, V], confidence [R, γ] | None
+    observe(out, batch, next_ids, last_row, ready)
+
+`Proposal.logits` define the draft distribution: the tokens must have been drawn from
+`ops.probs(logits, the slot's temperature / top-k / top-p)` (or be a deterministic choice reported
+as a one-hot, which is equally lossless), because rejection sampling recomputes q from them.
+`observe` gets the target forward's output and batch with `valid` narrowed to the rows that are
+now committed; `next_ids` [T] is the token that follows each row (the anchor for the last row),
+`last_row` [R] the flat index of each slot's last committed row, `ready` [R] the slots whose anchor
+was just set. Both run inside the sync-free step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark.decode.buffers import SlotState
+from dspark.model.batch import Batch
+from dspark.model.target import TargetOutput
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [R, γ] int64
+    logits: torch.Tensor  # [R, γ, V] fp32
+    confidence: torch.Tensor | None = None  # [R, γ] fp32, P(slot accepted | earlier slots accepted)
+
+
+class Drafter:
+    """Base class: the `ar` method (γ = 0: every round is one plain target step)."""
+
+    name = "ar"
+    tap_layers: tuple[int, ...] = ()
+
+    def __init__(self, vocab_size: int, num_draft_tokens: int = 0):
+        self.vocab_size = vocab_size
+        self.num_draft_tokens = num_draft_tokens
+
+    def admit(self, slot: int, prompt: list[int]) -> None:
+        """Host-side, before the request's first forward."""
+
+    def release(self, slot: int) -> None:
+        """Host-side, when the request leaves its slot."""
+
+    def propose(self, slots: SlotState, u: torch.Tensor) -> Proposal:
+        r = slots.anchor.shape[0]
+        return Proposal(tokens=slots.anchor.new_zeros(r, 0),
+                        logits=torch.zeros(r, 0, self.vocab_size, device=slots.anchor.device))
+
+    def observe(self, out: TargetOutput, batch: Batch, next_ids: torch.Tensor, last_row: torch.Tensor,
+                ready: torch.Tensor) -> None:
+        pass
+
+
+def one_hot_logits(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits of a deterministic proposal: 0 at the token, −inf elsewhere → [..., V]."""
+    logits = torch.full((*tokens.shape, vocab_size), float("-inf"), device=tokens.device)
+    return logits.scatter_(-1, tokens.unsqueeze(-1), 0.0)

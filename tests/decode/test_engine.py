@@ -1,0 +1,219 @@
+"""The engine on tiny random models: greedy losslessness for every method, acceptance counts equal
+to a from-scratch re-run of each drafter, batch independence, seeds, input validation."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from dspark import ops
+from dspark.config import ModelConfig, SamplingParams
+from dspark.decode import Engine, generate
+from dspark.model.mtp import mtp_forward
+from dspark.model.target import DeepseekV4
+from tests.decode.drafters import OracleDrafter
+
+PROMPT_LENGTHS = (3, 14, 33)  # below the window (16), across CSA (4) and HCA (16) boundaries
+NEW_TOKENS = 40
+
+
+@functools.lru_cache(maxsize=None)
+def peaked_model(seed: int = 0) -> DeepseekV4:
+    """A random tiny model whose LM head favours a few tokens, so the target repeats itself and the
+    (shared-head) MTP and n-gram drafters get real acceptances."""
+    model = DeepseekV4.random(ModelConfig.tiny(), seed=seed).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2:5] *= 12
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def prompts(seed: int = 0) -> tuple[tuple[int, ...], ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(tuple(torch.randint(2, 500, (n,), generator=g).tolist()) for n in PROMPT_LENGTHS)
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_ar() -> tuple[tuple[int, ...], ...]:
+    res = generate(peaked_model(), [list(p) for p in prompts()], max_new_tokens=NEW_TOKENS, max_seq_len=128)
+    return tuple(tuple(r.token_ids) for r in res)
+
+
+def rounds_of(prompt_len: int, stats) -> list[tuple[int, int, int]]:
+    """(anchor position L, verify length ℓ, accepted a) per decode round."""
+    out, pos = [], prompt_len
+    for ell, a, n in zip(stats.proposal_lens, stats.accepted, stats.emitted):
+        out.append((pos, ell, a))
+        pos += n
+    return out
+
+
+def accepted_against(proposal: list[int], transcript: list[int], pos: int, ell: int) -> int:
+    a = 0
+    while a < ell and proposal[a] == transcript[pos + 1 + a]:
+        a += 1
+    return a
+
+
+def ngram_reference(context: list[int], gamma: int, max_n: int = 4, min_n: int = 1) -> list[int]:
+    n_ctx = len(context)
+    for n in range(max_n, min_n - 1, -1):
+        if n_ctx < n + 1:
+            continue
+        for j in range(n_ctx - n - 1, -1, -1):  # the latest earlier occurrence
+            if context[j:j + n] == context[n_ctx - n:]:
+                return [context[min(j + n + i, n_ctx - 1)] for i in range(gamma)]
+    return [context[-1]] * gamma
+
+
+def mtp_reference(model: DeepseekV4, context: list[int], k: int) -> list[int]:
+    """Dense, cache-free MTP chain at the anchor context[-1]: pairs (H_t, x_{t+1}) for every committed
+    t, then (Y, draft) pairs fed back."""
+    ids = torch.tensor([context[:-1]])
+    with torch.no_grad():
+        hidden = model.run(ids).streams[0]
+        nxt = list(context[1:])
+        drafts = []
+        for _ in range(k):
+            logits, y = mtp_forward(model, hidden[None], torch.tensor([nxt]))
+            drafts.append(int(logits[0, -1].argmax()))
+            hidden = torch.cat([hidden, y[0, -1:]])
+            nxt.append(drafts[-1])
+    return drafts
+
+
+def run_method(method, gamma=None, drafter=None, seed=0, **kw):
+    return generate(peaked_model(), [list(p) for p in prompts()], method=method, drafter=drafter,
+                    num_draft_tokens=gamma, max_new_tokens=NEW_TOKENS, max_seq_len=128, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("method,gamma", [("mtp", 1), ("mtp", 3), ("ngram", 4), ("ngram", 2)])
+def test_greedy_equals_ar_and_acceptance_is_exact(method, gamma):
+    """Every round's drafts (not only the accepted count) equal a cache-free re-run of the drafter
+    at that anchor: this is what catches a wrong MTP input or a stale drafter cache."""
+    model = peaked_model()
+    results = run_method(method, gamma, token_bucket=8, record_proposals=True)
+    total_accepted = 0
+    for prompt, res, want in zip(prompts(), results, greedy_ar()):
+        assert tuple(res.token_ids) == want
+        transcript = list(prompt) + res.token_ids
+        for (pos, ell, a), drafted in zip(rounds_of(len(prompt), res.stats), res.stats.proposals):
+            context = transcript[:pos + 1]
+            proposal = (mtp_reference(model, context, gamma) if method == "mtp"
+                        else ngram_reference(context, gamma))
+            assert drafted == proposal, f"drafts at anchor {pos}"
+            assert a == accepted_against(proposal, transcript, pos, ell), f"round at {pos}"
+            total_accepted += a
+    assert total_accepted >= 10, "the test exercised too few acceptances"
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.7])
+def test_oracle_drafter_greedy_lossless_with_coverage(rho):
+    gamma = 6
+    truths = {p: list(p) + list(t) for p, t in zip(prompts(), greedy_ar())}
+    drafter = OracleDrafter(509, gamma, max_batch=8, truths=truths, rho=rho)
+    results = run_method("oracle", drafter=drafter, seed=11)
+    all_rounds = []
+    for prompt, res, want in zip(prompts(), results, greedy_ar()):
+        assert tuple(res.token_ids) == want
+        transcript = list(prompt) + res.token_ids
+        for i, (pos, ell, a) in enumerate(rounds_of(len(prompt), res.stats)):
+            # From scratch: the oracle's choice at this anchor with this round's draft uniforms.
+            seed = 11 + prompts().index(prompt)
+            u = ops.uniforms(torch.tensor([seed]), torch.tensor([1 + i * (2 * gamma + 1)]), gamma)[0]
+            true = [transcript[min(pos + 1 + j, len(transcript) - 1)] for j in range(gamma)]
+            proposal = [int(min(u[j] / max(rho, 1e-12) * 509, 508)) if u[j] < rho else true[j] for j in range(gamma)]
+            assert a == accepted_against(proposal, transcript, pos, ell)
+            all_rounds.append((pos, ell, a))
+    full = [r for r in all_rounds if r[1] == gamma]
+    if rho == 0.0:
+        assert all(a == ell for _, ell, a in all_rounds)
+    else:
+        assert sum(1 for _, _, a in full if 0 < a < gamma) >= 0.15 * len(full), "too few mid-block rejections"
+    if rho < 0.5:
+        assert sum(1 for _, _, a in full if a >= gamma // 2) >= 0.3 * len(full), "too few long acceptances"
+
+    def crosses(step):  # an accepted run commits the first token of a new window of size `step`
+        return any(pos // step != (pos + a) // step for pos, _, a in all_rounds if a > 0)
+
+    assert crosses(4) and crosses(16), "accepted runs must cross CSA and HCA/window boundaries"
+
+
+def test_batch_mates_do_not_change_a_request():
+    model = peaked_model()
+    alone = generate(model, [list(prompts()[1])], method="ngram", max_new_tokens=NEW_TOKENS, max_seq_len=128)
+    crowd = run_method("ngram", token_bucket=4)
+    assert alone[0].token_ids == crowd[1].token_ids
+
+
+def test_sampled_runs_reproduce_with_a_seed():
+    kw = dict(temperature=1.0, top_p=0.9)
+    a = run_method("mtp", 2, seed=5, **kw)
+    b = run_method("mtp", 2, seed=5, **kw)
+    c = run_method("mtp", 2, seed=6, **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+def test_stop_tokens_end_one_request_without_disturbing_others():
+    """Greedy outputs of each prompt with an eos that only one of them emits early."""
+    outputs = greedy_ar()
+    eos = outputs[0][5]  # the 6th token of request 0
+    res = run_method("ngram", 3, eos_token_id=eos)
+    for out, want in zip(res, outputs):
+        cut = want.index(eos) + 1 if eos in want else len(want)
+        assert res and out.token_ids == list(want[:cut])
+        assert out.finish_reason == ("stop" if eos in want else "length")
+
+
+def test_bad_requests_are_refused():
+    engine = Engine(peaked_model(), "ngram", max_seq_len=64)
+    cases = [([], SamplingParams(), "empty prompt"),
+             ([1] * 60, SamplingParams(max_tokens=8), "raise max_seq_len"),
+             ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+             ([1, 2], SamplingParams(temperature=-0.1), "temperature"),
+             ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+             ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+             ([1, 509], SamplingParams(), "outside the vocabulary"),
+             ([-1, 2], SamplingParams(), "outside the vocabulary"),
+             ([1, 2], SamplingParams(stop_token_ids=(600,)), "stop token")]
+    for prompt, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.add_request(prompt, params)
+    assert not engine.has_unfinished()
+
+
+def test_abort_and_streaming():
+    engine = Engine(peaked_model(), "mtp", num_draft_tokens=2, max_seq_len=128)
+    keep = engine.add_request(list(prompts()[0]), SamplingParams(max_tokens=20))
+    drop = engine.add_request(list(prompts()[1]), SamplingParams(max_tokens=20))
+    streamed = {keep: [], drop: []}
+    reasons = {}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed[out.request_id] += out.new_token_ids
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        steps += 1
+        if steps == 3:
+            engine.abort(drop)
+    assert reasons == {keep: "length", drop: "abort"}
+    assert tuple(streamed[keep]) == greedy_ar()[0][:20]
+
+
+def test_waiting_requests_are_admitted_when_pages_free_up():
+    model = peaked_model()
+    # Room for one request's pages at a time: the others wait, then run; results are unchanged.
+    res = generate(model, [list(p) for p in prompts()], method="ngram", max_new_tokens=NEW_TOKENS, max_seq_len=128,
+                   max_batch=3, page_size=64, memory_budget=None)
+    assert [tuple(r.token_ids) for r in res] == list(greedy_ar())
+    engine = Engine(model, "ar", max_batch=1, max_seq_len=128)
+    a = engine.add_request(list(prompts()[0]), SamplingParams(max_tokens=4))
+    b = engine.add_request(list(prompts()[1]), SamplingParams(max_tokens=4))
+    seen = []
+    while engine.has_unfinished():
+        seen += [o.request_id for o in engine.step() if o.new_token_ids]
+    assert seen.index(b) > max(i for i, r in enumerate(seen) if r == a)
