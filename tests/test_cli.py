@@ -1,0 +1,144 @@
+"""`dspark generate` with the random tiny preset: streamed text, completions, the stats line,
+progress on a terminal, --help, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from dspark.cli import main
+from dspark.config import ModelConfig
+from dspark.model import DeepseekV4
+from dspark.text import byte_tokenizer
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["generate", "--max-tokens", "12", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_streams_and_reports(capsys):
+    rc, out, err = run(capsys, "--prompt", "def f(x):")
+    assert rc == 0 and out.endswith("\n") and len(out) > 1
+    lines = err.strip().splitlines()
+    assert "RANDOM weights" in lines[0]
+    assert lines[-1].startswith("method ar: 12 tokens in ")
+    assert "tok/s" in lines[-1] and "11 rounds" in lines[-1] and "τ 1.00" in lines[-1]
+    assert sum("tokens in" in line for line in lines) == 1
+
+
+def test_several_prompts_and_files(capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("from a file\n", encoding="utf-8")
+    rc, out, err = run(capsys, "--prompt", "a", "--prompt", "b", "--prompt-file", str(tmp_path / "p.txt"))
+    assert rc == 0
+    for i in (1, 2, 3):
+        assert f"--- completion {i}/3 " in out
+    assert err.strip().splitlines()[-1].startswith("method ar: ")
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_methods_give_the_ar_text(capsys, method):
+    _, ar_out, _ = run(capsys, "--prompt", "abcabcabc")
+    rc, out, err = run(capsys, "--prompt", "abcabcabc", "--method", method)
+    assert rc == 0 and out == ar_out
+    assert err.strip().splitlines()[-1].startswith(f"method {method}: ")
+
+
+def test_stop_string_cuts_the_output(capsys):
+    _, full, _ = run(capsys, "--prompt", "hello")
+    text = full[:-1]  # the final newline ends the stream
+    stop = text[len(text) // 2:][:2]
+    rc, out, _ = run(capsys, "--prompt", "hello", "--stop", stop)
+    assert rc == 0 and out == text[:text.find(stop)] + "\n"
+
+
+def test_checkpoint_directory(capsys, tmp_path):
+    DeepseekV4.random(ModelConfig.tiny(), seed=0).save_pretrained(tmp_path)
+    rc, _, err = run(capsys, "--model", str(tmp_path))
+    assert rc == 1 and err.strip().splitlines() == [f"error: no tokenizer.json in {tmp_path} "
+                                                    "(dspark reads HF `tokenizers` JSON files only)"]
+    byte_tokenizer(ModelConfig.tiny().vocab_size).hf.save(str(tmp_path / "tokenizer.json"))
+    _, preset_out, _ = run(capsys, "--prompt", "abc")
+    rc, out, err = run(capsys, "--model", str(tmp_path), "--prompt", "abc")
+    assert rc == 0 and out == preset_out and "RANDOM" not in err
+
+
+def test_progress_rewrites_a_line_on_a_terminal(capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["generate", "--max-tokens", "4", "--prompt", "a", "--prompt", "b"]) == 0
+    text = err.getvalue()
+    assert "\r\033[K" in text and "tok/s" in text
+    # The progress line is cleared, then the stats line written over it.
+    assert text.rstrip("\n").split("\r\033[K")[-1].startswith("method ar: 8 tokens")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--model", "--preset", "--prompt-file", "--method", "--num-draft-tokens", "--max-tokens",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--dtype", "--device", "--threads"):
+        assert flag in out
+    assert "examples:" in out and "RANDOM" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-tokens", "many"], ["--method", "magic"], ["--model", "x", "--preset", "tiny"], ["--bogus"],
+])
+def test_bad_flags_exit_2(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-k", "-1"], "top_k"),
+    (["--threads", "-2"], "threads"),
+    (["--num-draft-tokens", "3"], "drafts nothing"),
+    (["--model", "/no/such/checkpoint"], "no checkpoint directory"),
+    (["--preset", "huge"], "known presets"),
+    (["--prompt", ""], "empty"),
+    (["--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
+])
+def test_bad_values_exit_1(capsys, args, message):
+    rc = main(["generate", *args])
+    err = capsys.readouterr().err
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_console_script_error_has_no_traceback():
+    res = subprocess.run([sys.executable, "-m", "dspark.cli", "generate", "--top-p", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == ["error: top_p must be in (0, 1], got 0.0"]
+
+
+def test_terminal_output_escapes_control_characters(capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    # The random tiny model's greedy reply to this prompt holds the bytes 0x00 and 0x06.
+    assert main(["generate", "--max-tokens", "32", "--prompt", "def f(x):"]) == 0
+    text = out.getvalue()
+    assert "\\x00" in text and "\\x06" in text
+    assert all(c in "\n\t" or c.isprintable() or ord(c) >= 0xA0 for c in text)

@@ -1,0 +1,173 @@
+"""`LLM` on the random tiny preset: text and token ids agree, greedy and seeds repeat, streams equal
+generate, stop strings / stop tokens / eos cut the output, logprobs match a dense forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dspark.config import ModelConfig
+from dspark.llm import LLM
+from dspark.model import DeepseekV4
+from dspark.text import byte_tokenizer
+
+PROMPTS = ["def fibonacci(n):", "héllo 👋 wörld", "x"]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("tiny")
+
+
+@pytest.fixture(scope="module")
+def greedy(llm):
+    return llm.generate(PROMPTS, max_tokens=24, logprobs=True)
+
+
+def test_checkpoint_directory(tmp_path, greedy):
+    """The preset's weights saved with a tokenizer: same tokens, not marked random, eos merged."""
+    DeepseekV4.random(ModelConfig.tiny(), seed=0).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        LLM(tmp_path)
+    byte_tokenizer(ModelConfig.tiny().vocab_size).hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    model = LLM(tmp_path)
+    assert not model.random_weights and model.eos_token_ids == (1, 7)
+    assert model.generate(PROMPTS[0], max_tokens=24)[0].token_ids == greedy[0].token_ids
+
+
+def test_random_preset_says_so(capsys):
+    model = LLM("tiny", seed=3)
+    assert model.random_weights and model.method == "ar"
+    assert model.eos_token_ids == model.target.config.eos_token_ids
+    assert "RANDOM weights" in capsys.readouterr().err
+
+
+def test_generate_text_matches_token_ids(llm, greedy):
+    assert len(greedy) == len(PROMPTS)
+    for c in greedy:
+        assert 1 <= len(c.token_ids) <= 24
+        assert c.text == llm.tokenizer.decode(c.token_ids)
+        assert c.finish_reason in ("length", "stop")
+        assert (c.finish_reason == "length") == (len(c.token_ids) == 24)
+        assert c.stats.rounds >= 1 and c.stats.tau == pytest.approx(1.0)
+
+
+def test_greedy_is_deterministic_and_batch_independent(llm, greedy):
+    again = llm.generate(PROMPTS, max_tokens=24)
+    assert [c.token_ids for c in again] == [c.token_ids for c in greedy]
+    alone = llm.generate(PROMPTS[1], max_tokens=24)
+    assert alone[0].token_ids == greedy[1].token_ids
+
+
+def test_logprobs_are_the_targets(llm, greedy):
+    for prompt, c in zip(PROMPTS, greedy):
+        assert len(c.logprobs) == len(c.token_ids)
+        ids = llm.tokenizer.encode(prompt) + c.token_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(llm.target(torch.tensor([ids]))[0].float(), -1)
+        n = len(c.token_ids)
+        expected = logp[len(ids) - n - 1:-1].gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=1e-4, atol=1e-4)
+    assert llm.generate(PROMPTS[0], max_tokens=4)[0].logprobs is None
+
+
+def test_stream_concatenates_to_generate(llm, greedy):
+    deltas = list(llm.stream(PROMPTS[1], max_tokens=24))
+    assert "".join(deltas) == greedy[1].text
+    assert all(deltas)
+
+
+def test_stop_string_truncates(llm, greedy):
+    full = greedy[0]
+    stop = full.text[len(full.text) // 2:][:2]  # two characters from the middle
+    cut = full.text.find(stop)
+    for run in (lambda: llm.generate(PROMPTS[0], max_tokens=24, stop=[stop])[0],
+                lambda: "".join(llm.stream(PROMPTS[0], max_tokens=24, stop=[stop]))):
+        c = run()
+        text = c if isinstance(c, str) else c.text
+        assert text == full.text[:cut]
+    c = llm.generate(PROMPTS[0], max_tokens=24, stop=[stop], logprobs=True)[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    # token ids run up to the token that completed the stop string
+    assert c.token_ids == full.token_ids[:len(c.token_ids)]
+    assert stop in llm.tokenizer.decode(c.token_ids) and stop not in llm.tokenizer.decode(c.token_ids[:-1])
+    assert len(c.logprobs) == len(c.token_ids)
+    assert not llm.engine.has_unfinished()  # the request was aborted at the stop string
+
+
+def test_stop_token_ids_and_eos(llm, greedy):
+    full = greedy[0].token_ids
+    stop_id = full[3]
+    first = full.index(stop_id)
+    c = llm.generate(PROMPTS[0], max_tokens=24, stop_token_ids=[stop_id])[0]
+    assert c.token_ids == full[:first] and c.finish_reason == "stop" and c.stop_reason == stop_id
+    assert c.text == llm.tokenizer.decode(full[:first])  # the stop token's text is not included
+
+    eos_llm = LLM("tiny")
+    eos_llm.eos_token_ids = (stop_id,)
+    c = eos_llm.generate(PROMPTS[0], max_tokens=24)[0]
+    assert c.token_ids == full[:first] and c.stop_reason == stop_id
+
+
+def test_seeds_per_prompt(llm):
+    kw = dict(max_tokens=12, temperature=1.0, top_p=0.9)
+    batch = llm.generate(PROMPTS[:2], seed=7, **kw)
+    assert [c.token_ids for c in batch] == [c.token_ids for c in llm.generate(PROMPTS[:2], seed=7, **kw)]
+    assert batch[1].token_ids == llm.generate(PROMPTS[1], seed=8, **kw)[0].token_ids  # prompt i uses seed + i
+    for c in batch:
+        assert c.text == llm.tokenizer.decode(c.token_ids)
+
+
+def test_more_prompts_than_slots(greedy):
+    small = LLM("tiny", max_batch=2)
+    assert [c.token_ids for c in small.generate(PROMPTS, max_tokens=24)] == [c.token_ids for c in greedy]
+
+
+def test_early_close_aborts_and_frees_the_llm(llm, greedy):
+    it = llm.stream(PROMPTS[0], max_tokens=24)
+    next(it)
+    with pytest.raises(RuntimeError, match="still running"):
+        llm.generate(PROMPTS[0], max_tokens=2)
+    it.close()
+    assert llm.generate(PROMPTS[0], max_tokens=24)[0].token_ids == greedy[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(texts=""), "prompt 0 is empty"),
+    (dict(texts=["ok", ""]), "prompt 1 is empty"),
+    (dict(texts=[]), "no prompts"),
+    (dict(texts=[b"bytes"]), "not a string"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(seed=-1), "seed"),
+    (dict(seed="1"), "seed"),
+    (dict(stop=[""]), "stop strings"),
+    (dict(stop="end"), "stop strings"),
+    (dict(stop_token_ids=[10**6]), "outside the vocabulary"),
+    (dict(stop_token_ids=["1"]), "stop_token_ids must be integers"),
+    (dict(max_tokens=10**6), "max_seq_len"),
+])
+def test_bad_arguments(llm, kwargs, message):
+    kwargs = {"texts": "ok", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        llm.generate(**kwargs)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="not a checkpoint directory.*known presets"):
+        LLM("no-such-model")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        LLM("tiny", dtype="fp8")
+    with pytest.raises(ValueError, match="unknown method"):
+        LLM("tiny", method="magic")
+    with pytest.raises(ValueError, match="bad device"):
+        LLM("tiny", device="gpu")
+    with pytest.raises(ValueError, match="drafts nothing"):
+        LLM("tiny", num_draft_tokens=2)
+    with pytest.raises(ValueError, match="one prompt"):
+        LLM.stream(None, ["a", "b"])
