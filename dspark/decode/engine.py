@@ -21,7 +21,8 @@ from dspark.decode.drafter import Drafter
 from dspark.decode.mtp import MTPDrafter
 from dspark.decode.ngram import NgramDrafter
 from dspark.decode.stats import RequestStats
-from dspark.decode.step import decode_round, prefill_layout, prefill_step, verify_layout
+from dspark.decode import schedule as schedulers
+from dspark.decode.step import RoundPlan, decode_round, prefill_layout, prefill_step
 from dspark.model.cache import CacheFullError, TargetCache
 
 METHODS = ("ar", "mtp", "ngram")
@@ -61,7 +62,8 @@ class Engine:
     def __init__(self, target, method: str = "ar", *, drafter: Drafter | None = None,
                  num_draft_tokens: int | None = None, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, memory_budget: int | None = None, page_size: int | None = None,
-                 token_bucket: int = 1, max_stop_tokens: int = 8, record_proposals: bool = False):
+                 token_bucket: int = 1, max_stop_tokens: int = 8, record_proposals: bool = False,
+                 scheduler: str = "fixed", threshold: float = 0.0, sps=None):
         if drafter is None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or a drafter object")
         if max_batch < 1 or prefill_chunk < 1 or token_bucket < 1:
@@ -91,6 +93,7 @@ class Engine:
         self.drafter, self.method = drafter, drafter.name
         self.num_draft_tokens = gamma
         self.slots = SlotState.allocate(max_batch, max_stop_tokens, self.device)
+        self._schedule, self._capacities = self._scheduler(scheduler, threshold, sps), []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
@@ -175,6 +178,33 @@ class Engine:
                              req.logprobs[len(req.logprobs) - new:] if new else [], req.finish_reason is not None,
                              req.finish_reason, req.stats)
 
+    def _scheduler(self, name: str, threshold: float, sps):
+        """The verify-length rule as a device function (confidence, room, decoding) → ℓ [R]."""
+        if name not in schedulers.SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; expected one of {schedulers.SCHEDULERS}")
+        self.scheduler = name
+        if name == "fixed":
+            return lambda conf, room, active: schedulers.fixed(room.new_zeros(1, self.num_draft_tokens), room)
+        if self.num_draft_tokens == 0:
+            raise ValueError(f"scheduler {name!r} needs draft tokens; method {self.method!r} drafts none")
+        if name.startswith("threshold"):
+            if not 0 <= threshold <= 1:
+                raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+            rule = schedulers.threshold_slot if name == "threshold-slot" else schedulers.threshold_survival
+            return lambda conf, room, active: rule(self._need_confidence(conf), room, threshold)
+        if sps is None or len(sps) < 2:
+            raise ValueError(f"scheduler {name!r} needs an SPS table (steps/s per verify batch size), got {sps!r}")
+        self.sps = torch.as_tensor(sps, dtype=torch.float32, device=self.device)
+        if name == "hardware":
+            return lambda conf, room, active: schedulers.hardware(self._need_confidence(conf), room, active, self.sps)
+        return lambda conf, room, active: schedulers.async_topk(self._need_confidence(conf), room, self._k)
+
+    @staticmethod
+    def _need_confidence(conf):
+        if conf is None:
+            raise ValueError("this scheduler needs a drafter with a confidence head (dspark)")
+        return conf
+
     def _pad(self, n: int) -> int:
         return -(-n // self.token_bucket) * self.token_bucket
 
@@ -222,26 +252,37 @@ class Engine:
         return outputs
 
     def _decode(self, reqs: list[_Request]) -> list[RequestOutput]:
-        gamma = self.num_draft_tokens
-        rows = [(r.slot, r.committed, min(gamma, r.params.max_tokens - len(r.output) - 1)) for r in reqs]
+        gamma, dev = self.num_draft_tokens, self.device
         decoding = torch.zeros(self.max_batch, dtype=torch.bool)
-        decoding[[r.slot for r in reqs]] = True
+        committed = torch.zeros(self.max_batch, dtype=torch.long)
+        room = torch.zeros(self.max_batch, dtype=torch.long)
+        for r in reqs:
+            decoding[r.slot] = True
+            committed[r.slot] = r.committed
+            room[r.slot] = min(gamma, r.params.max_tokens - len(r.output) - 1)
         self.slots.decoding.copy_(decoding)
-        real = sum(ell + 1 for _, _, ell in rows)
-        layout = verify_layout(rows, max_batch=self.max_batch, dummy_slot=self.cache.dummy_slot,
-                               pad_to=self._pad(real), device=self.device)
-        res = decode_round(self.target, self.cache, self.drafter, self.slots, layout)
+        rows = sum(int(room[r.slot]) + 1 for r in reqs)
+        if self.scheduler == "async":
+            # Capacity from two rounds before: the bucket size is known before this round's drafts.
+            k = self._capacities[-2] if len(self._capacities) >= 2 else rows - len(reqs)
+            self._k = torch.tensor(k, device=dev)
+            rows = min(rows, len(reqs) + k)
+        plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=self._pad(rows), schedule=self._schedule)
+        res = decode_round(self.target, self.cache, self.drafter, self.slots, plan)
         # Host read (the round's only sync): what to stream, and the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
-        logprobs, stopped = res.logprobs.tolist(), res.stopped.tolist()
+        logprobs, stopped, verified = res.logprobs.tolist(), res.stopped.tolist(), res.verify_len.tolist()
         proposals = res.proposal.tolist() if self.record_proposals else None
+        if self.scheduler == "async":
+            cap = schedulers.capacity(res.confidence, room.to(dev), decoding.to(dev), self.sps)
+            self._capacities.append(int(cap))
         outputs = []
-        for req, (_, _, ell) in zip(reqs, rows):
+        for req in reqs:
             s = req.slot
             new = tokens[s][:num[s]]
             req.output += new
             req.logprobs += logprobs[s][:num[s]]
-            req.stats.record(ell, accepted[s], num[s])
+            req.stats.record(verified[s], accepted[s], num[s])
             if proposals is not None:
                 req.stats.proposals.append(proposals[s])
             if stopped[s]:

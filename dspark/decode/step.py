@@ -4,13 +4,14 @@ on host syncs). The host builds each step's layout from values it already knows 
 lengths, verify lengths, prompt chunks) and reads the results back afterwards (engine.py).
 
     prefill_step : a chunk of prompt per slot; slots whose prompt ends sample their first token
-    decode_round : draft → verify → rejection sampling → commit → drafter catch-up
+    decode_round : draft → schedule → verify → rejection sampling → commit → drafter catch-up
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,11 +32,44 @@ class PrefillLayout:
 
 
 @dataclass(frozen=True)
+class RoundPlan:
+    """What the host knows before a decode round (all [R] over slots; idle slots: room 0)."""
+
+    committed: torch.Tensor  # [R] target cache length of each slot (its anchor's position)
+    room: torch.Tensor  # [R] most drafts each slot may verify this round
+    bucket: int  # static number of flat verify rows, ≥ Σ over decoding slots of (ℓ + 1)
+    schedule: Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+    # (confidence [R, γ] | None, room, decoding) → verify lengths ℓ [R], device-side
+
+
+@dataclass(frozen=True)
 class VerifyLayout:
-    batch: Batch  # ids are filled on device from [anchor, drafts]; logits for every flat row
+    batch: Batch  # ids are filled from [anchor, drafts]; logits for every flat row
     src_col: torch.Tensor  # [T] column of [anchor, drafts] each flat token takes (0 = anchor)
-    start: torch.Tensor  # [R] flat row of each slot's anchor (0 for idle slots)
+    start: torch.Tensor  # [R] flat row of each slot's anchor
     verify_len: torch.Tensor  # [R] drafts verified per slot (0 for idle slots)
+
+
+def verify_layout(committed: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor, bucket: int,
+                  dummy_slot: int) -> VerifyLayout:
+    """The flat verify batch from device-side lengths, without host syncs: slot r's anchor and
+    ℓ_r drafts at positions committed_r .. committed_r + ℓ_r, slots in order, padding at the end."""
+    r, dev = committed.shape[0], committed.device
+    n = torch.where(active, lengths + 1, 0)  # rows per slot
+    ends = n.cumsum(0)
+    start = ends - n
+    total = ends[-1:]
+    flat = torch.arange(bucket, device=dev)
+    row = torch.searchsorted(ends, flat, right=True)  # slot of each flat row; r for padding
+    valid = flat < total
+    col = flat - torch.cat([start, total])[row]
+    slots = torch.arange(r + 1, device=dev)
+    slots[r] = dummy_slot
+    batch = Batch(input_ids=torch.zeros_like(flat), positions=torch.cat([committed, committed.new_zeros(1)])[row] + col,
+                  token_row=row, valid=valid, slot=slots, cache_len=torch.cat([committed, committed.new_zeros(1)]),
+                  new_start=torch.cat([start, total]), new_len=torch.cat([n, bucket - total]), logits_rows=flat)
+    return VerifyLayout(batch=batch, src_col=torch.where(valid, col, 0), start=torch.where(active, start, 0),
+                        verify_len=torch.where(active, lengths, 0))
 
 
 @dataclass
@@ -45,6 +79,7 @@ class StepResult:
     logprobs: torch.Tensor  # [R, γ+1] raw target log-probabilities of the emitted tokens
     accepted: torch.Tensor  # [R]
     stopped: torch.Tensor  # [R] bool: a stop token was emitted
+    verify_len: torch.Tensor | None = None  # [R] drafts verified this round
     proposal: torch.Tensor | None = None  # [R, γ] drafted tokens (read back only when recording)
     confidence: torch.Tensor | None = None  # [R, γ]
 
@@ -70,10 +105,13 @@ def prefill_step(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
                       accepted=torch.zeros_like(first), stopped=stopped & done)
 
 
-def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState, layout: VerifyLayout) -> StepResult:
+def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState, plan: RoundPlan) -> StepResult:
     gamma = drafter.num_draft_tokens
+    active = slots.decoding
     u = ops.uniforms(slots.seed, slots.offset, 2 * gamma + 1)  # draft | accept | sample
     proposal: Proposal = drafter.propose(slots, u[:, :gamma])
+    lengths = torch.minimum(plan.schedule(proposal.confidence, plan.room, active), plan.room)
+    layout = verify_layout(plan.committed, lengths, active, plan.bucket, cache.dummy_slot)
     seq = torch.cat([slots.anchor.unsqueeze(-1), proposal.tokens], dim=1)  # [R, γ+1]
     batch = layout.batch
     src_slot = batch.slot[batch.token_row].clamp(max=seq.shape[0] - 1)
@@ -82,7 +120,6 @@ def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     accepted, emitted, num, stopped = ops.chain_rejection(
         out.logits, layout.start, layout.verify_len, proposal.logits, proposal.tokens, *slots.sampling(),
         slots.stop_tokens, u[:, gamma:2 * gamma], u[:, 2 * gamma])
-    active = slots.decoding
     nxt = emitted.gather(1, accepted.unsqueeze(-1)).squeeze(-1)  # correction / bonus (−1 after a draft stop)
     slots.anchor.copy_(torch.where(active & (nxt >= 0), nxt, slots.anchor))
     slots.offset.add_(active.long() * (2 * gamma + 1))
@@ -97,7 +134,7 @@ def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     rows = (layout.start.unsqueeze(-1) + torch.arange(gamma + 1, device=seq.device)).clamp(max=out.logits.shape[0] - 1)
     logprobs = _logprob(out.logits[rows], emitted)
     return StepResult(tokens=emitted, num_tokens=num, logprobs=logprobs, accepted=accepted, stopped=stopped,
-                      proposal=proposal.tokens, confidence=proposal.confidence)
+                      verify_len=layout.verify_len, proposal=proposal.tokens, confidence=proposal.confidence)
 
 
 def prefill_layout(chunks: list[tuple[int, int, list[int], list[int], bool]], *, max_batch: int, dummy_slot: int,
@@ -123,21 +160,3 @@ def prefill_layout(chunks: list[tuple[int, int, list[int], list[int], bool]], *,
     return PrefillLayout(batch=dataclasses.replace(batch, logits_rows=last), next_ids=torch.tensor(next_ids, **dev),
                          sampled_next=torch.tensor(sampled, **dev), last_row=last,
                          completes=torch.tensor(completes, **dev))
-
-
-def verify_layout(rows: list[tuple[int, int, int]], *, max_batch: int, dummy_slot: int, pad_to: int | None = None,
-                  device="cpu") -> VerifyLayout:
-    """Host-side. rows = [(slot, committed length, verify length ℓ)]: each slot verifies its anchor
-    and ℓ drafts at positions committed .. committed + ℓ."""
-    batch = Batch.build([(s, c, [0] * (ell + 1)) for s, c, ell in rows], dummy_slot=dummy_slot, pad_to=pad_to,
-                        logits="all", device=device)
-    cols, start, vlen = [], [0] * max_batch, [0] * max_batch
-    for slot, _, ell in rows:
-        start[slot] = len(cols)
-        vlen[slot] = ell
-        cols.extend(range(ell + 1))
-    cols.extend([0] * (batch.num_tokens - len(cols)))
-    dev = dict(device=device)
-    return VerifyLayout(batch=dataclasses.replace(batch, logits_rows=torch.arange(batch.num_tokens, **dev)),
-                        src_col=torch.tensor(cols, **dev), start=torch.tensor(start, **dev),
-                        verify_len=torch.tensor(vlen, **dev))
