@@ -1,0 +1,520 @@
+"""DSpark / DFlash block drafters in DeepSpec's `Qwen3DSparkModel` layout (dspark.md §1–§3).
+
+Vocabulary: R requests (inference rows), B sequences, S context rows, K blocks (anchors) per
+sequence, γ block size, d hidden, F context width (taps × target hidden), H / H_kv query and KV
+heads, hd head dim, V vocabulary, r Markov rank.
+
+    context    C = hidden_norm(fc(f_t)) once per call; every layer projects the same C with its own
+               k_proj (+ k_norm + RoPE at the context position) and v_proj ("KV injection")
+    block      γ rows [x_0, MASK × (γ−1)] at positions p..p+γ−1, L Qwen3 pre-norm layers whose
+               attention sees [context rows t < p ; all γ block rows], no causal mask; h = norm(X)
+    heads      U = lm_head(h); Ũ_i = U_i + W2·x_i with x_i from the previous token (vanilla), gated
+               by h_i (gated), or an RNN over the block (rnn); z_i = proj([h_i ; W1[prev_i]])
+
+Slot i predicts the token at p+i+1; its previous token is the one at p+i (slot 0: the anchor).
+Inference keeps per-request context K/V (`context_kv`) and runs `block_hidden` on the valid rows;
+training (`forward_train`) runs K blocks per sequence under DeepSpec's block mask. A block with
+no key to attend to (a training dummy block) gets a zero attention output, never NaN.
+
+NOTE: attention here is the plain-PyTorch reference (scores in the weights' dtype, softmax in
+fp32); the fused block-attention kernel of dspark.md §10 replaces it in #7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark import ops
+from dspark.model.layers import RMSNorm
+
+DRAFT_KINDS = ("qwen3",)
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+_INT_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+               "vocab_size", "block_size", "num_target_layers", "target_hidden_size", "max_position_embeddings")
+_BOOL_FIELDS = ("has_confidence_head", "confidence_with_markov", "confidence_bias")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Shapes and switches of a block drafter (dspark.md §1.1); `kind` names the module layout."""
+
+    # layout: "qwen3" = DeepSpec's Qwen3DSparkModel (DSpark and DFlash alike)
+    kind: str
+    # backbone (Qwen3 decoder layers, full attention)
+    hidden_size: int  # d (= the target's for DeepSpec drafts)
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # H_kv
+    head_dim: int  # hd
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float  # Qwen3 rotate-half RoPE, default rope type
+    vocab_size: int  # V: the full target vocabulary, no draft-vocabulary reduction
+    # block drafting
+    block_size: int  # γ: anchor + γ−1 MASK rows, γ draft tokens per round
+    mask_token_id: int
+    # context features: concat of the raw outputs of these target layers (-1 = embedding output)
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int
+    target_hidden_size: int
+    # sequential (Markov) head; rank 0 = DFlash (no head)
+    markov_rank: int = 0
+    markov_head_type: str = "vanilla"  # "vanilla" | "gated" | "rnn"
+    # confidence head: z = proj([h ; W1[prev]]) (or proj(h) without the Markov embedding)
+    has_confidence_head: bool = False
+    confidence_with_markov: bool = False
+    confidence_bias: bool = True
+    max_position_embeddings: int = 40960
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"invalid DraftConfig: {msg}")
+
+        need(self.kind in DRAFT_KINDS, f"kind {self.kind!r} not in {DRAFT_KINDS}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive int, got {value!r}")
+        for name in _BOOL_FIELDS:
+            need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even (rotate-half RoPE)")
+        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta!r}")
+        need(isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size,
+             f"mask_token_id {self.mask_token_id!r} outside the vocabulary [0, {self.vocab_size})")
+        taps = self.target_layer_ids
+        need(isinstance(taps, tuple) and len(taps) > 0 and all(isinstance(t, int) for t in taps),
+             f"target_layer_ids must be a non-empty tuple of ints, got {taps!r}")
+        need(all(a < b for a, b in zip(taps, taps[1:])), f"target_layer_ids {taps} must be strictly increasing")
+        # The last target layer is never tapped: HF's hidden_states replaces its raw output by the
+        # final-normed state, so train and eval features would disagree (dspark.md §1.2).
+        last = self.num_target_layers - 1
+        need(all(t == -1 or 0 <= t < last for t in taps),
+             f"target_layer_ids {taps} must lie in {{-1}} ∪ [0, {last - 1}] (-1 = embedding output; the last "
+             f"target layer {last} may not be tapped)")
+        need(isinstance(self.markov_rank, int) and self.markov_rank >= 0,
+             f"markov_rank must be an int >= 0, got {self.markov_rank!r}")
+        need(self.markov_head_type in MARKOV_HEAD_TYPES,
+             f"markov_head_type {self.markov_head_type!r} not in {MARKOV_HEAD_TYPES}")
+        need(not self.confidence_with_markov or (self.has_confidence_head and self.markov_rank > 0),
+             "confidence_with_markov needs has_confidence_head and markov_rank > 0")
+
+    @property
+    def context_width(self) -> int:
+        """F: width of one context feature row."""
+        return len(self.target_layer_ids) * self.target_hidden_size
+
+    @property
+    def has_markov_head(self) -> bool:
+        return self.markov_rank > 0
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DraftConfig":
+        """A small DSpark config with odd dims for tests (vanilla head, confidence head)."""
+        base = dict(
+            kind="qwen3", hidden_size=40, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12,
+            intermediate_size=56, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=67, block_size=5,
+            mask_token_id=61, target_layer_ids=(0, 2), num_target_layers=4, target_hidden_size=24,
+            markov_rank=6, markov_head_type="vanilla", has_confidence_head=True, confidence_with_markov=True,
+            max_position_embeddings=256,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class TrainOutput:
+    """What `forward_train` returns: slot i of block k sits at positions[b, k, i] = p + i."""
+
+    draft_logits: torch.Tensor  # [B, K, γ, V] fp32, Markov-corrected with teacher forcing
+    confidence_logits: torch.Tensor | None  # [B, K, γ] fp32; None without a confidence head
+    labels: torch.Tensor  # [B, K, γ] int64: input_ids[min(p+i+1, S−1)], input_ids[0] for dummy blocks
+    positions: torch.Tensor  # [B, K, γ] int64 RoPE positions of the block rows
+
+
+def block_label_index(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Sequence index of each slot's label: min(p+i+1, S−1) for kept blocks, 0 for dummy ones.
+
+    anchors [B, K] int64, keep [B, K] → [B, K, γ] int64.
+    """
+    offsets = torch.arange(1, block_size + 1, device=anchors.device)
+    index = (anchors.unsqueeze(-1) + offsets).clamp(max=seq_len - 1)
+    return torch.where(keep.bool().unsqueeze(-1), index, 0)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Qwen3 (NeoX) rotary embedding in fp32: x [..., T, heads, hd], cos/sin [..., T, hd/2]."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class DraftAttention(nn.Module):
+    """Queries from the block rows; keys/values from [context rows ; block rows] with shared projections."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def context_kv(self, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c [..., T, d] (context rows, or normed block rows) → k, v [..., T, H_kv, hd]; k normed and rotated."""
+        k = self.k_norm(self.k_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        return _rotate_half(k, cos, sin), self.v_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim))
+
+    def forward(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
+        """y [N, Q, γ, d] normed block rows of Q blocks per item; cos/sin [N, Q, γ, hd/2];
+        ctx_k/ctx_v [N, S, H_kv, hd] shared by the item's blocks; ctx_mask [N, Q, S] bool (block may
+        see context row); blk_valid [N, Q] bool (block sees its own rows) → [N, Q, γ, d]."""
+        n, nq, g, _ = y.shape
+        s = ctx_k.shape[1]
+        groups = self.num_heads // self.num_kv_heads
+        q = self.q_norm(self.q_proj(y).unflatten(-1, (self.num_heads, self.head_dim)))
+        q = _rotate_half(q, cos, sin).unflatten(-2, (self.num_kv_heads, groups))  # [N, Q, γ, H_kv, G, hd]
+        k, v = self.context_kv(y, cos, sin)  # [N, Q, γ, H_kv, hd]
+
+        s_ctx = torch.einsum("nqtkgd,nskd->nqkgts", q, ctx_k)  # [N, Q, H_kv, G, γ, S]
+        s_blk = torch.einsum("nqtkgd,nqukd->nqkgtu", q, k)  # [N, Q, H_kv, G, γ, γ]
+        scores = torch.cat([s_ctx, s_blk], dim=-1).float() * self.head_dim ** -0.5
+        allowed = torch.cat([ctx_mask, blk_valid.unsqueeze(-1).expand(n, nq, g)], dim=-1)  # [N, Q, S+γ]
+        # A finite fill, not -inf: a row with no allowed key (dummy block) gets uniform weights and
+        # a zeroed output below, so neither the forward nor the backward pass ever sees NaN.
+        scores = scores.masked_fill(~allowed[:, :, None, None, None, :], torch.finfo(torch.float32).min)
+        p = scores.softmax(dim=-1).to(v.dtype)
+        out = (torch.einsum("nqkgts,nskd->nqtkgd", p[..., :s], ctx_v)
+               + torch.einsum("nqkgtu,nqukd->nqtkgd", p[..., s:], v))  # [N, Q, γ, H_kv, G, hd]
+        out = torch.where(allowed.any(-1)[:, :, None, None, None, None], out, 0.0)
+        return self.o_proj(out.flatten(-3))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    """Qwen3 pre-norm decoder layer over block rows; the context enters only as K/V."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DraftAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DraftMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
+        """x [N, Q, γ, d] residual stream → the stream after the attention and MLP residual adds."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, blk_valid)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    """The sequential head (dspark.md §2.1): slot i's bias is W2·x_i, with x_i an r-vector built from
+    e_i = W1[prev_i] (vanilla: e_i; gated: σ(gate_proj([h_i ; e_i])) ⊙ e_i; rnn: the output gate o_i)."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        d, r, v = config.hidden_size, config.markov_rank, config.vocab_size
+        self.kind, self.rank = config.markov_head_type, r
+        self.markov_w1 = nn.Embedding(v, r)
+        self.markov_w2 = nn.Linear(r, v, bias=False)
+        if self.kind == "gated":
+            self.gate_proj = nn.Linear(d + r, r)
+        elif self.kind == "rnn":
+            self.joint_proj = nn.Linear(2 * r + d, 3 * r)
+
+    def step(self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One slot: prev [...] ids, h [..., d], state [..., r] (rnn; None = zeros) → (x [..., r], new state)."""
+        e = self.markov_w1(prev)
+        if self.kind == "vanilla":
+            return e, state
+        if self.kind == "gated":
+            return torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e, state
+        s = torch.zeros_like(e) if state is None else state
+        gate, cand, out = self.joint_proj(torch.cat([s, e, h], dim=-1)).chunk(3, dim=-1)
+        g = torch.sigmoid(gate)
+        # The bias uses the output gate of z_i, built on s_{i-1} (not on the updated state).
+        return torch.tanh(out), g * s + (1 - g) * torch.tanh(cand)
+
+    def block(self, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced slots: prev [..., γ], h [..., γ, d] → x [..., γ, r] (rnn state carried left to right)."""
+        if self.kind != "rnn":
+            return self.step(prev, h, None)[0]
+        state, xs = None, []
+        for i in range(prev.shape[-1]):
+            x, state = self.step(prev[..., i], h[..., i, :], state)
+            xs.append(x)
+        return torch.stack(xs, dim=-2)
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        width = config.hidden_size + (config.markov_rank if config.confidence_with_markov else 0)
+        self.proj = nn.Linear(width, 1, bias=config.confidence_bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., d (+ r)] → fp32 logits [...]."""
+        return self.proj(features).squeeze(-1).float()
+
+
+class DraftModel(nn.Module):
+    """The draft; state_dict names are DeepSpec's checkpoint names (dspark.md §9)."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.fc = nn.Linear(config.context_width, d, bias=False)
+        self.hidden_norm = RMSNorm(d, config.rms_norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.markov_head = MarkovHead(config) if config.has_markov_head else None
+        self.confidence_head = ConfidenceHead(config) if config.has_confidence_head else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, config: DraftConfig, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> "DraftModel":
+        """Uninitialised weights allocated once on `device` in `dtype` (built on the meta device)."""
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to(dtype=dtype).to_empty(device=device)
+
+    @classmethod
+    def random(cls, config: DraftConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> "DraftModel":
+        """Non-trivial random weights (the fixture's recipe): linear N(0, 1/fan_in), embeddings N(0, 1),
+        biases N(0, 0.25²), norm weights U(0.5, 1.5)."""
+        model = cls.empty(config, device="cpu")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+                elif name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+                elif isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Embedding):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+        return model.to(dtype=dtype, device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", shared_embed: torch.Tensor | None = None,
+                        shared_head: torch.Tensor | None = None) -> "DraftModel":
+        """Load a DeepSpec draft checkpoint directory (see `dspark.model.draft_load.load_draft`)."""
+        from dspark.model.draft_load import load_draft  # draft_load imports this module
+
+        return load_draft(path, dtype=dtype, device=device, shared_embed=shared_embed, shared_head=shared_head)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from dspark.model.draft_load import save_draft
+
+        save_draft(self, path)
+
+    # ------------------------------------------------------------------ backbone
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] → cos, sin [..., hd/2] fp32 (HF's default inv_freq, built on the device)."""
+        hd = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=positions.device,
+                                                                  dtype=torch.float32) / hd))
+        freqs = positions.float().unsqueeze(-1) * inv_freq
+        return freqs.cos(), freqs.sin()
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """Tapped target features [..., F] → context rows C [..., d] = hidden_norm(fc(features))."""
+        if features.shape[-1] != self.config.context_width:
+            raise ValueError(f"context features have width {features.shape[-1]}, the draft expects "
+                             f"{self.config.context_width} ({len(self.config.target_layer_ids)} taps × "
+                             f"{self.config.target_hidden_size})")
+        return self.hidden_norm(self.fc(features))
+
+    def context_kv(self, c: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Context rows C [..., N, d] at absolute `positions` [..., N] → per layer (k, v) [..., N, H_kv, hd]."""
+        cos, sin = self._rope(positions)
+        return [layer.self_attn.context_kv(c, cos, sin) for layer in self.layers]
+
+    def _blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
+        """x [N, Q, γ, d] block embeddings at positions [N, Q, γ] → post-norm h [N, Q, γ, d]."""
+        cos, sin = self._rope(positions)
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x = layer(x, cos, sin, k, v, ctx_mask, blk_valid)
+        return self.norm(x)
+
+    def block_hidden(self, block_ids: torch.Tensor, block_pos: torch.Tensor,
+                     ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], ctx_valid: torch.Tensor) -> torch.Tensor:
+        """One block per request: block_ids / block_pos [R, γ], ctx_kv per layer (k, v) [R, S, H_kv, hd],
+        ctx_valid [R, S] bool → post-norm h [R, γ, d].
+
+        The block attends to its valid context rows and to all γ block rows. Invalid rows may hold
+        anything, NaN included: they are zeroed before any product.
+        """
+        keep = ctx_valid[:, :, None, None]
+        ctx_kv = [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in ctx_kv]
+        x = self.embed_tokens(block_ids).unsqueeze(1)  # [R, 1, γ, d]
+        blk_valid = torch.ones_like(block_ids[:, :1], dtype=torch.bool)  # [R, 1]
+        return self._blocks(x, block_pos.unsqueeze(1), ctx_kv, ctx_valid.unsqueeze(1), blk_valid)[:, 0]
+
+    # ------------------------------------------------------------------ heads
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d] → U = lm_head(h) [..., V] fp32 (product in the weights' dtype, as DeepSpec)."""
+        return self.lm_head(h).float()
+
+    def markov_logits(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor,
+                      state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One slot: U [R, V] fp32, prev [R] ids, h [R, d], state [R, r] (rnn; None = zeros at slot 0)
+        → (Ũ [R, V] fp32, new state; None for vanilla/gated). DFlash: (U, state)."""
+        if self.markov_head is None:
+            return logits, state
+        x, state = self.markov_head.step(prev, h, state)
+        return logits + self.markov_head.markov_w2(x).float(), state
+
+    def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced block: U [..., γ, V], prev [..., γ] (slot i: the token at p+i), h [..., γ, d]
+        → Ũ [..., γ, V] fp32."""
+        if self.markov_head is None:
+            return logits
+        return logits + self.markov_head.markov_w2(self.markov_head.block(prev, h)).float()
+
+    def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """h [..., d], prev [...] → z [...] fp32 (c = σ(z)); None without a confidence head."""
+        if self.confidence_head is None:
+            return None
+        if self.config.confidence_with_markov:
+            h = torch.cat([h, self.markov_head.markov_w1(prev)], dim=-1)
+        return self.confidence_head(h)
+
+    def sample_block(self, logits: torch.Tensor, h: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor,
+                     top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Draw a block left to right (dspark.md §2.3).
+
+        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R], u [R, γ] uniforms
+        → (tokens [R, γ], Ũ [R, γ, V] fp32, confidence logits [R, γ] fp32 or None).
+
+        Slot i's Ũ uses prev = the anchor (i = 0) or the token sampled at slot i−1, and its token is
+        drawn with `ops.sample(ops.probs(Ũ_i, ...), u[:, i])`, so q_i = probs(Ũ_i) is exactly the
+        distribution the token came from. Temperature 0 is the argmax (lowest index on ties).
+        Confidence i sees h_i and prev_i, never the token of slot i. Without a Markov head the slots
+        are independent and Ũ = U.
+        """
+        r, g, v = logits.shape
+        if self.markov_head is None:
+            def rows(t: torch.Tensor) -> torch.Tensor:
+                return t.unsqueeze(1).expand(r, g).reshape(r * g)
+
+            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p))
+            tokens = ops.sample(q, u.reshape(r * g)).view(r, g)
+            corrected = logits
+        else:
+            prev, state, rows_out, drawn = anchor, None, [], []
+            for i in range(g):
+                corrected_i, state = self.markov_logits(logits[:, i], prev, h[:, i], state)
+                prev = ops.sample(ops.probs(corrected_i, temperature, top_k, top_p), u[:, i])
+                rows_out.append(corrected_i)
+                drawn.append(prev)
+            tokens, corrected = torch.stack(drawn, dim=1), torch.stack(rows_out, dim=1)
+        prevs = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], dim=1)  # [R, γ]
+        return tokens, corrected, self.confidence_logits(h, prevs)
+
+    # ------------------------------------------------------------------ engine protocol (dspark/decode/dspark.py)
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def block_input_token(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def tap_layers(self) -> tuple[int, ...]:
+        return self.config.target_layer_ids
+
+    @property
+    def context_window(self) -> None:
+        return None  # full attention over the whole committed prefix
+
+    @property
+    def has_markov_head(self) -> bool:
+        return self.config.has_markov_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    context_rows = context_kv  # the engine's name for the cached per-layer rows
+
+    def draft_block(self, block_ids: torch.Tensor, block_pos: torch.Tensor,
+                    context: list[tuple[torch.Tensor, torch.Tensor]], context_valid: torch.Tensor,
+                    anchor: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`block_hidden`, `base_logits` and `sample_block` in one call → (tokens, Ũ, confidence logits)."""
+        h = self.block_hidden(block_ids, block_pos, context, context_valid)
+        return self.sample_block(self.base_logits(h), h, anchor, temperature, top_k, top_p, u)
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, input_ids: torch.Tensor, ctx_features: torch.Tensor, anchors: torch.Tensor,
+                      keep: torch.Tensor) -> TrainOutput:
+        """All K blocks of each sequence in one pass (dspark.md §1.5, §4.3).
+
+        input_ids [B, S], ctx_features [B, S, F], anchors [B, K] (positions p ≤ S−2), keep [B, K]
+        (0 = dummy block). Block k's rows [input_ids[p], MASK × (γ−1)] (dummy: all MASK) sit at
+        positions p..p+γ−1, see context rows t < p and their own block; dummy blocks see nothing and
+        output zeros. Markov and confidence heads are teacher-forced: prev_i = the token at p+i.
+        """
+        cfg = self.config
+        b, s = input_ids.shape
+        k = anchors.shape[1]
+        keep = keep.bool()
+        ctx_pos = torch.arange(s, device=input_ids.device).expand(b, s)  # [B, S]
+        ctx_kv = self.context_kv(self.project_context(ctx_features), ctx_pos)
+        positions = anchors.unsqueeze(-1) + torch.arange(cfg.block_size, device=anchors.device)  # [B, K, γ]
+        mask_ids = torch.full((b, k, cfg.block_size), cfg.mask_token_id, dtype=input_ids.dtype,
+                              device=input_ids.device)
+        first = torch.where(keep, input_ids.gather(1, anchors), cfg.mask_token_id)  # [B, K]
+        block_ids = torch.cat([first.unsqueeze(-1), mask_ids[..., 1:]], dim=-1)  # [B, K, γ]
+        ctx_mask = (ctx_pos.unsqueeze(1) < anchors.unsqueeze(-1)) & keep.unsqueeze(-1)  # [B, K, S]
+
+        h = self._blocks(self.embed_tokens(block_ids), positions, ctx_kv, ctx_mask, keep)  # [B, K, γ, d]
+        labels = input_ids.gather(1, block_label_index(anchors, keep, s, cfg.block_size).flatten(1))
+        labels = labels.view(b, k, cfg.block_size)
+        prev = torch.cat([block_ids[..., :1], labels[..., :-1]], dim=-1)  # [B, K, γ]
+        return TrainOutput(draft_logits=self.corrected_logits_tf(self.base_logits(h), prev, h),
+                           confidence_logits=self.confidence_logits(h, prev), labels=labels, positions=positions)
+
+
+__all__ = ["DRAFT_KINDS", "MARKOV_HEAD_TYPES", "DraftConfig", "TrainOutput", "DraftModel", "block_label_index"]
