@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark import ops
 from dspark.model.layers import RMSNorm
+from dspark.model.markov import MARKOV_HEAD_TYPES, BlockHeads, ConfidenceHead, MarkovHead
 
 DRAFT_KINDS = ("qwen3",)
-MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 _INT_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                "vocab_size", "block_size", "num_target_layers", "target_hidden_size", "max_position_embeddings")
 _BOOL_FIELDS = ("has_confidence_head", "confidence_with_markov", "confidence_bias")
@@ -232,58 +231,7 @@ class DraftLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class MarkovHead(nn.Module):
-    """The sequential head (dspark.md §2.1): slot i's bias is W2·x_i, with x_i an r-vector built from
-    e_i = W1[prev_i] (vanilla: e_i; gated: σ(gate_proj([h_i ; e_i])) ⊙ e_i; rnn: the output gate o_i)."""
-
-    def __init__(self, config: DraftConfig):
-        super().__init__()
-        d, r, v = config.hidden_size, config.markov_rank, config.vocab_size
-        self.kind, self.rank = config.markov_head_type, r
-        self.markov_w1 = nn.Embedding(v, r)
-        self.markov_w2 = nn.Linear(r, v, bias=False)
-        if self.kind == "gated":
-            self.gate_proj = nn.Linear(d + r, r)
-        elif self.kind == "rnn":
-            self.joint_proj = nn.Linear(2 * r + d, 3 * r)
-
-    def step(self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One slot: prev [...] ids, h [..., d], state [..., r] (rnn; None = zeros) → (x [..., r], new state)."""
-        e = self.markov_w1(prev)
-        if self.kind == "vanilla":
-            return e, state
-        if self.kind == "gated":
-            return torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e, state
-        s = torch.zeros_like(e) if state is None else state
-        gate, cand, out = self.joint_proj(torch.cat([s, e, h], dim=-1)).chunk(3, dim=-1)
-        g = torch.sigmoid(gate)
-        # The bias uses the output gate of z_i, built on s_{i-1} (not on the updated state).
-        return torch.tanh(out), g * s + (1 - g) * torch.tanh(cand)
-
-    def block(self, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced slots: prev [..., γ], h [..., γ, d] → x [..., γ, r] (rnn state carried left to right)."""
-        if self.kind != "rnn":
-            return self.step(prev, h, None)[0]
-        state, xs = None, []
-        for i in range(prev.shape[-1]):
-            x, state = self.step(prev[..., i], h[..., i, :], state)
-            xs.append(x)
-        return torch.stack(xs, dim=-2)
-
-
-class ConfidenceHead(nn.Module):
-    def __init__(self, config: DraftConfig):
-        super().__init__()
-        width = config.hidden_size + (config.markov_rank if config.confidence_with_markov else 0)
-        self.proj = nn.Linear(width, 1, bias=config.confidence_bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [..., d (+ r)] → fp32 logits [...]."""
-        return self.proj(features).squeeze(-1).float()
-
-
-class DraftModel(nn.Module):
+class DraftModel(BlockHeads, nn.Module):
     """The draft; state_dict names are DeepSpec's checkpoint names (dspark.md §9)."""
 
     def __init__(self, config: DraftConfig):
@@ -296,8 +244,11 @@ class DraftModel(nn.Module):
         self.fc = nn.Linear(config.context_width, d, bias=False)
         self.hidden_norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        self.markov_head = MarkovHead(config) if config.has_markov_head else None
-        self.confidence_head = ConfidenceHead(config) if config.has_confidence_head else None
+        self.markov_head = (MarkovHead(config.vocab_size, config.markov_rank, config.markov_head_type, d)
+                            if config.has_markov_head else None)
+        width = d + (config.markov_rank if config.confidence_with_markov else 0)
+        self.confidence_head = ConfidenceHead(width, config.confidence_bias) if config.has_confidence_head else None
+        self.confidence_with_markov = config.confidence_with_markov
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -389,63 +340,6 @@ class DraftModel(nn.Module):
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d] → U = lm_head(h) [..., V] fp32 (product in the weights' dtype, as DeepSpec)."""
         return self.lm_head(h).float()
-
-    def markov_logits(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor,
-                      state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One slot: U [R, V] fp32, prev [R] ids, h [R, d], state [R, r] (rnn; None = zeros at slot 0)
-        → (Ũ [R, V] fp32, new state; None for vanilla/gated). DFlash: (U, state)."""
-        if self.markov_head is None:
-            return logits, state
-        x, state = self.markov_head.step(prev, h, state)
-        return logits + self.markov_head.markov_w2(x).float(), state
-
-    def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced block: U [..., γ, V], prev [..., γ] (slot i: the token at p+i), h [..., γ, d]
-        → Ũ [..., γ, V] fp32."""
-        if self.markov_head is None:
-            return logits
-        return logits + self.markov_head.markov_w2(self.markov_head.block(prev, h)).float()
-
-    def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
-        """h [..., d], prev [...] → z [...] fp32 (c = σ(z)); None without a confidence head."""
-        if self.confidence_head is None:
-            return None
-        if self.config.confidence_with_markov:
-            h = torch.cat([h, self.markov_head.markov_w1(prev)], dim=-1)
-        return self.confidence_head(h)
-
-    def sample_block(self, logits: torch.Tensor, h: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor,
-                     top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Draw a block left to right (dspark.md §2.3).
-
-        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R], u [R, γ] uniforms
-        → (tokens [R, γ], Ũ [R, γ, V] fp32, confidence logits [R, γ] fp32 or None).
-
-        Slot i's Ũ uses prev = the anchor (i = 0) or the token sampled at slot i−1, and its token is
-        drawn with `ops.sample(ops.probs(Ũ_i, ...), u[:, i])`, so q_i = probs(Ũ_i) is exactly the
-        distribution the token came from. Temperature 0 is the argmax (lowest index on ties).
-        Confidence i sees h_i and prev_i, never the token of slot i. Without a Markov head the slots
-        are independent and Ũ = U.
-        """
-        r, g, v = logits.shape
-        if self.markov_head is None:
-            def rows(t: torch.Tensor) -> torch.Tensor:
-                return t.unsqueeze(1).expand(r, g).reshape(r * g)
-
-            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p))
-            tokens = ops.sample(q, u.reshape(r * g)).view(r, g)
-            corrected = logits
-        else:
-            prev, state, rows_out, drawn = anchor, None, [], []
-            for i in range(g):
-                corrected_i, state = self.markov_logits(logits[:, i], prev, h[:, i], state)
-                prev = ops.sample(ops.probs(corrected_i, temperature, top_k, top_p), u[:, i])
-                rows_out.append(corrected_i)
-                drawn.append(prev)
-            tokens, corrected = torch.stack(drawn, dim=1), torch.stack(rows_out, dim=1)
-        prevs = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], dim=1)  # [R, γ]
-        return tokens, corrected, self.confidence_logits(h, prevs)
 
     # ------------------------------------------------------------------ engine protocol (dspark/decode/dspark.py)
     @property

@@ -34,7 +34,6 @@ def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = ECE_BINS) -> float:
     if pred.numel() == 0:
         return 0.0
     b = (pred * bins).floor().clamp(0, bins - 1).long()
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(pred))
     p_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, pred)
     y_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, label)
     return float((p_sum - y_sum).abs().sum() / pred.numel())
