@@ -19,7 +19,7 @@ from dspark.config import ModelConfig
 from dspark.model.attention import Attention
 from dspark.model.batch import Batch, StepIndex
 from dspark.model.cache import LayerCache, TargetCache
-from dspark.model.layers import RMSNorm, linear
+from dspark.model.layers import RMSNorm, RotaryTable, linear, rope_inv_freq
 from dspark.model.mhc import HyperConnection, HyperHead
 from dspark.model.moe import MoE
 
@@ -132,24 +132,11 @@ class DeepseekV4(nn.Module):
 
     def to_dtype(self, dtype: torch.dtype) -> "DeepseekV4":
         """Cast floating parameters to `dtype`, keeping the fp32 islands (never use `.to(bf16)`)."""
-        for module in self.modules():
-            keep = isinstance(module, _FP32_MODULES)
-            for name, p in list(module.named_parameters(recurse=False)):
-                target = torch.float32 if keep or name in _FP32_NAMES else dtype
-                if p.dtype != target:
-                    p.data = p.data.to(target)
-            for name, b in list(module.named_buffers(recurse=False)):
-                if b.is_floating_point() and name not in _FP32_NAMES and name != "inv_freq" and b.dtype != dtype:
-                    setattr(module, name, b.to(dtype))
-        return self
+        return cast_keeping_fp32_islands(self, dtype)
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (rotary tables) after `to_empty`."""
-        from dspark.model.layers import RotaryTable, rope_inv_freq
-
-        for module in self.modules():
-            if isinstance(module, RotaryTable):
-                module.inv_freq = rope_inv_freq(module.rope, module.rope_dim).to(module.inv_freq.device)
+        reset_rotary_buffers(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -223,6 +210,27 @@ class DeepseekV4(nn.Module):
             if i in tap_layers:
                 taps[i] = streams.float().mean(dim=-2).to(streams.dtype)
         return TargetOutput(self.logits(streams[batch.logits_rows]), streams, taps)
+
+
+def cast_keeping_fp32_islands(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters and buffers to `dtype`, keeping the fp32 islands of deepseek_v4.md §3."""
+    for m in module.modules():
+        keep = isinstance(m, _FP32_MODULES)
+        for name, p in list(m.named_parameters(recurse=False)):
+            target = torch.float32 if keep or name in _FP32_NAMES else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point() and name not in _FP32_NAMES and name != "inv_freq" and b.dtype != dtype:
+                setattr(m, name, b.to(dtype))
+    return module
+
+
+def reset_rotary_buffers(module: nn.Module) -> None:
+    """Recompute every rotary table's inv_freq (non-persistent, so garbage after `to_empty`)."""
+    for m in module.modules():
+        if isinstance(m, RotaryTable):
+            m.inv_freq = rope_inv_freq(m.rope, m.rope_dim).to(m.inv_freq.device)
 
 
 @torch.no_grad()

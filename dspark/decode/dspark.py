@@ -1,0 +1,71 @@
+"""DSpark / DFlash drafting in the engine: a parallel draft block conditioned on target features.
+
+The draft model (either layout: DeepSpec's Qwen3-style `dspark.model.draft.DraftModel` or the V4
+release's stages in `dspark.model.draft_v4`) provides
+
+    tap_layers, block_size, block_input_token, context_window (None = the whole prefix)
+    project_context(features [N, F]) → C [N, d]              once per committed position
+    context_rows(C, positions) → per layer a tuple of row tensors [N, ...]   (what is cached)
+    draft_block(block_ids, block_pos, context, context_valid, anchor, temperature, top_k, top_p, u)
+        → tokens [R, γ], corrected logits [R, γ, V], confidence logits [R, γ] | None
+
+Context rule (dspark.md §11.1, §11.14; dspark_v4.md §3.4): the cache holds rows of COMMITTED
+positions only, keyed by position mod capacity, written in `observe` for every newly committed row
+(prefill chunks and each round's accepted rows) from the target's tapped features of that very
+forward. A block at anchor position p sees the rows of positions [p − capacity, p) and itself;
+block K/V are never stored, so nothing needs rolling back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.decode.buffers import SlotState
+from dspark.decode.drafter import Drafter, Proposal
+
+
+class DSparkDrafter(Drafter):
+    def __init__(self, draft, *, max_batch: int, max_seq_len: int, name: str | None = None):
+        vocab = draft.vocab_size
+        super().__init__(vocab, draft.block_size)
+        self.draft = draft
+        self.name = name or ("dspark" if getattr(draft, "has_markov_head", True) else "dflash")
+        self.tap_layers = tuple(draft.tap_layers)
+        self.capacity = min(draft.context_window or max_seq_len, max_seq_len)
+        self.max_batch = max_batch
+        self.cache: list[tuple[torch.Tensor, ...]] | None = None  # allocated on the first observe
+        self.anchor_pos = torch.zeros(max_batch, dtype=torch.long, device=draft.device)
+
+    def _allocate(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
+        # Row shapes are only known from the draft's first output: one buffer per layer and tensor,
+        # [slots + 1, capacity, ...] (the extra slot takes padding writes).
+        self.cache = [tuple(torch.zeros(self.max_batch + 1, self.capacity, *t.shape[1:], dtype=t.dtype,
+                                        device=t.device) for t in layer) for layer in rows]
+
+    def observe(self, out, batch, next_ids, last_row, ready):
+        features = torch.cat([out.taps[layer] for layer in self.tap_layers], dim=-1)  # [T, taps·D]
+        rows = self.draft.context_rows(self.draft.project_context(features), batch.positions)
+        if self.cache is None:
+            self._allocate(rows)
+        slot = torch.where(batch.valid, batch.slot[batch.token_row], self.max_batch)
+        index = batch.positions % self.capacity
+        for cached, new in zip(self.cache, rows):
+            for buf, t in zip(cached, new):
+                buf[slot, index] = t.to(buf.dtype)
+        self.anchor_pos = torch.where(ready, batch.positions[last_row] + 1, self.anchor_pos)
+
+    def propose(self, slots: SlotState, u: torch.Tensor) -> Proposal:
+        r, gamma = slots.anchor.shape[0], self.num_draft_tokens
+        dev = slots.anchor.device
+        p = self.anchor_pos  # [R]
+        block_pos = p.unsqueeze(-1) + torch.arange(gamma, device=dev)
+        block_ids = torch.full((r, gamma), self.draft.block_input_token, dtype=torch.long, device=dev)
+        block_ids[:, 0] = slots.anchor
+        # Ring row j holds the latest committed position ≡ j (mod capacity) below p.
+        j = torch.arange(self.capacity, device=dev)
+        held = p.unsqueeze(-1) - 1 - (p.unsqueeze(-1) - 1 - j) % self.capacity  # [R, C]
+        valid = held >= 0
+        context = [tuple(buf[:r] for buf in layer) for layer in self.cache]
+        tokens, logits, conf = self.draft.draft_block(block_ids, block_pos, context, valid, slots.anchor,
+                                                      *slots.sampling(), u)
+        return Proposal(tokens=tokens, logits=logits, confidence=None if conf is None else torch.sigmoid(conf))

@@ -1,0 +1,108 @@
+"""DSpark / DFlash drafters in the engine, both layouts: greedy output equals `ar`, and every round's
+drafts equal a cache-free re-run of the draft at that anchor (dense target features, no ring)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from dspark.config import DSparkFields, ModelConfig
+from dspark.decode import generate
+from dspark.decode.dspark import DSparkDrafter
+from dspark.model.draft import DraftConfig, DraftModel
+from dspark.model.draft_v4 import V4DSparkDraft
+from dspark.model.target import DeepseekV4
+from tests.decode.test_engine import accepted_against, rounds_of
+
+NOISE = 500
+PROMPTS = ([7, 8, 9], list(range(20, 34)), list(range(100, 133)))
+NEW = 36
+
+
+@functools.lru_cache(maxsize=None)
+def target() -> DeepseekV4:
+    cfg = ModelConfig.tiny(dspark=DSparkFields(block_size=5, noise_token_id=NOISE, target_layer_ids=(1, 2, 3),
+                                               markov_rank=6))
+    model = DeepseekV4.random(cfg, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2:5] *= 12  # a repetitive target, so drafts get accepted sometimes
+    return model
+
+
+def qwen_draft(kind: str) -> DraftModel:
+    t = target()
+    rank = 0 if kind == "dflash" else 6
+    cfg = DraftConfig.tiny(vocab_size=t.config.vocab_size, mask_token_id=NOISE, target_layer_ids=(1, 2),
+                           num_target_layers=t.config.num_layers, target_hidden_size=t.config.hidden_size,
+                           markov_rank=rank, markov_head_type="vanilla" if rank == 0 else kind,
+                           has_confidence_head=rank > 0, confidence_with_markov=rank > 0, block_size=4)
+    draft = DraftModel.random(cfg, seed=1).eval()
+    with torch.no_grad():  # favour the tokens the peaked target repeats, so some drafts are accepted
+        draft.lm_head.weight[2:5] *= 20
+    return draft
+
+
+def v4_draft() -> V4DSparkDraft:
+    return V4DSparkDraft.random(target().config, 3, seed=2).eval().attach(target())
+
+
+def make_draft(kind):
+    return v4_draft() if kind == "v4" else qwen_draft(kind)
+
+
+def reference_proposal(draft, context: list[int]) -> list[int]:
+    """Cache-free: dense target features of the committed tokens, all (or the last window of) context
+    rows, one block at the anchor context[-1], greedy."""
+    t = target()
+    anchor_pos = len(context) - 1
+    with torch.no_grad():
+        out = t.run(torch.tensor([context[:-1]]), tap_layers=draft.tap_layers)
+        features = torch.cat([out.taps[layer][0] for layer in draft.tap_layers], dim=-1)
+        rows = draft.context_rows(draft.project_context(features), torch.arange(anchor_pos))
+        window = draft.context_window or anchor_pos
+        keep = slice(max(0, anchor_pos - window), anchor_pos)
+        rows = [tuple(r[keep].unsqueeze(0) for r in layer) for layer in rows]
+        n = rows[0][0].shape[1]
+        gamma = draft.block_size
+        ids = torch.tensor([[context[-1]] + [draft.block_input_token] * (gamma - 1)])
+        pos = anchor_pos + torch.arange(gamma).unsqueeze(0)
+        tokens, _, _ = draft.draft_block(ids, pos, rows, torch.ones(1, n, dtype=torch.bool), ids[:, 0],
+                                         torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1),
+                                         torch.zeros(1, gamma))
+    return tokens[0].tolist()
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_ar():
+    return tuple(tuple(r.token_ids) for r in generate(target(), [list(p) for p in PROMPTS], max_new_tokens=NEW,
+                                                       max_seq_len=128))
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn", "dflash", "v4"])
+def test_greedy_lossless_and_drafts_match_a_cache_free_rerun(kind):
+    draft = make_draft(kind)
+    drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=128)
+    results = generate(target(), [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+                       max_batch=4, token_bucket=4, record_proposals=True)
+    accepted = 0
+    for prompt, res, want in zip(PROMPTS, results, greedy_ar()):
+        assert tuple(res.token_ids) == want
+        transcript = list(prompt) + res.token_ids
+        for (pos, ell, a), drafted in zip(rounds_of(len(prompt), res.stats), res.stats.proposals):
+            proposal = reference_proposal(draft, transcript[:pos + 1])
+            assert drafted == proposal, f"{kind}: drafts at anchor {pos}"
+            assert a == accepted_against(proposal, transcript, pos, ell)
+            accepted += a
+    assert accepted >= 5, f"{kind}: too few acceptances to exercise the drafter"
+    assert drafter.name == ("dflash" if kind == "dflash" else "dspark")
+
+
+def test_confidence_reaches_the_scheduler():
+    drafter = DSparkDrafter(make_draft("vanilla"), max_batch=4, max_seq_len=128)
+    results = generate(target(), [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+                       max_batch=4, scheduler="threshold-survival", threshold=0.5)
+    assert [tuple(r.token_ids) for r in results] == list(greedy_ar())
+    lens = [ell for r in results for ell in r.stats.proposal_lens]
+    assert min(lens) < max(lens), "a confidence threshold should truncate some blocks and not others"
