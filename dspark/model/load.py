@@ -425,11 +425,38 @@ def upstream_sources(name: str, shape: Iterable[int]) -> list[Source]:
     raise ValueError(f"no upstream name for model tensor {name!r}")
 
 
-def to_upstream(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# The V4 DSpark draft's own names → the release's `mtp.<s>.*` names (dspark_v4.md §2.1): stage 0
+# owns the context projection; the last stage owns the collapse head, the final norm and the heads.
+_DSPARK_FIRST = {"main_proj.weight": "main_proj.weight", "main_norm.weight": "main_norm.weight"}
+_DSPARK_LAST = {"norm.weight": "norm.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
+                "hc_head.hc_scale": "hc_head_scale", "markov_head.markov_w1.weight": "markov_head.markov_w1.weight",
+                "markov_head.markov_w2.weight": "markov_head.markov_w2.weight",
+                "confidence_head.proj.weight": "confidence_head.proj.weight"}
+_STAGE = re.compile(r"stages\.(\d+)\.(.+)")
+
+
+def dspark_stage_sources(name: str, shape: Iterable[int], num_stages: int) -> list[Source]:
+    """The release tensors that build draft tensor `name` (`dspark.model.draft_v4.V4DSparkDraft`)."""
+    if name in _DSPARK_FIRST:
+        return [Source("mtp.0." + _DSPARK_FIRST[name])]
+    if name in _DSPARK_LAST:
+        return [Source(f"mtp.{num_stages - 1}." + _DSPARK_LAST[name])]
+    m = _STAGE.fullmatch(name)
+    if m is not None:
+        prefix, rel = f"mtp.{m.group(1)}.", m.group(2)
+        if rel in _EXPERTS:
+            return [Source(f"{prefix}ffn.experts.{e}.{part}.weight", e, part)
+                    for e in range(list(shape)[0]) for part in _EXPERTS[rel]]
+        if rel in _BLOCK and not rel.startswith("self_attn.compressor") and rel != "mlp.gate.tid2eid":
+            return [Source(prefix + _BLOCK[rel])]
+    raise ValueError(f"no release name for draft tensor {name!r}")
+
+
+def to_upstream(state: dict[str, torch.Tensor], sources=upstream_sources) -> dict[str, torch.Tensor]:
     """Model-named tensors → upstream-named tensors (experts split per expert, tid2eid int32)."""
     out = {}
     for name, t in state.items():
-        for src in upstream_sources(name, t.shape):
+        for src in sources(name, t.shape):
             if src.part is None:
                 out[src.key] = t.to(torch.int32) if name.endswith(".tid2eid") else t
             else:
@@ -669,24 +696,33 @@ def read_mtp_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ============================================================================ loading and saving
 def load_weights(model: nn.Module, checkpoint: str | Path | CheckpointReader, *, num_layers: int | None = None,
-                 load_mtp: bool = True, fp8_block: tuple[int, int] = (128, 128)) -> None:
+                 load_mtp: bool = True, fp8_block: tuple[int, int] = (128, 128), sources=None) -> None:
     """Copy a checkpoint into `model` (HF tensor names), strictly, one tensor at a time.
 
     Checkpoint tensors of layers >= `num_layers`, and all `mtp.*` tensors unless `load_mtp`, are
     skipped. Every other tensor must be claimed by a model tensor and every model tensor must be
     found, with matching shapes and compatible dtypes; otherwise ValueError lists the offenders
-    before anything is copied.
+    before anything is copied. `sources(name, shape)` replaces the name mapping for models that
+    read only the `mtp.*` namespace (the V4 DSpark draft); everything else is then skipped.
     """
     if not isinstance(checkpoint, CheckpointReader):
         with CheckpointReader(checkpoint) as reader:
-            return load_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block)
+            return load_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
+                                sources=sources)
     reader = checkpoint
-    layout = detect_layout(reader.keys())
     state = model.state_dict()
-    plan = {name: ([Source(name)] if layout == "hf" else upstream_sources(name, t.shape)) for name, t in state.items()}
+    if sources is not None:
+        layout = "mtp"
+        plan = {name: sources(name, t.shape) for name, t in state.items()}
+    else:
+        layout = detect_layout(reader.keys())
+        plan = {name: ([Source(name)] if layout == "hf" else upstream_sources(name, t.shape))
+                for name, t in state.items()}
 
     def skipped(key: str) -> bool:
         split = _split_block(key)
+        if sources is not None:
+            return split is None or split[0] != "mtp"
         if split is None:
             return False
         if split[0] == "mtp":
@@ -763,6 +799,29 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         load_weights(model, reader, num_layers=num_layers if truncated else None,
                      load_mtp=config.mtp_kind == "mtp", fp8_block=_fp8_block(raw))
     return model
+
+
+def load_dspark_draft(path: str | Path, target=None, *, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu", confidence_pre_norm: bool = True):
+    """The V4 DSpark draft stored as `mtp.*` in a -DSpark release, attached to `target` when given.
+
+    The stage count is the number of distinct `mtp.<s>` prefixes (the root config's
+    `num_nextn_predict_layers` says 1 on these releases); missing, unexpected or mis-shaped stage
+    tensors are refused by name, with FP8 / FP4 weights dequantised.
+    """
+    from dspark.model.draft_v4 import V4DSparkDraft
+
+    config = read_config(path)
+    raw = _raw_config(path)
+    with CheckpointReader(path) as reader:
+        kind, stages = detect_mtp(reader.keys(), raw)
+        if kind != "dspark":
+            raise ValueError(f"{path} holds no DSpark stages (its mtp.* namespace is {kind!r})")
+        config = config.replace(mtp_kind=kind, num_mtp_layers=stages)
+        draft = V4DSparkDraft.empty(config, stages, dtype=dtype, device=device, confidence_pre_norm=confidence_pre_norm)
+        load_weights(draft, reader, fp8_block=_fp8_block(raw),
+                     sources=lambda name, shape: dspark_stage_sources(name, shape, stages))
+    return draft.attach(target) if target is not None else draft
 
 
 def save_pretrained(model: nn.Module, path: str | Path) -> None:
