@@ -243,3 +243,39 @@ class SamplingParams:
             raise ValueError(f"stop token ids {bad} outside the vocabulary [0, {vocab_size})")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Draft training (dspark.md §4.5 defaults, scaled by the caller)."""
+
+    steps: int = 300
+    batch_size: int = 8  # sequences per optimizer step
+    seq_len: int = 128
+    num_anchors: int = 16  # blocks per sequence
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.04  # linear warmup over this share of the steps, then cosine to 0
+    grad_clip: float = 1.0  # global norm
+    seed: int = 42
+    checkpoint_every: int = 100
+    log_every: int = 1
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "num_anchors", "checkpoint_every", "log_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not 0 <= self.warmup_frac < 1 or not self.grad_clip > 0:
+            raise ValueError("need lr > 0, 0 <= warmup_frac < 1 and grad_clip > 0")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup (lr·(step+1)/warmup), then cosine from lr to 0 over the remaining steps."""
+        import math
+
+        warmup = int(self.warmup_frac * self.steps)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(self.steps - warmup, 1)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
