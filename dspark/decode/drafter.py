@@ -31,6 +31,7 @@ class Proposal:
     tokens: torch.Tensor  # [R, γ] int64
     logits: torch.Tensor  # [R, γ, V] fp32
     confidence: torch.Tensor | None = None  # [R, γ] fp32, P(slot accepted | earlier slots accepted)
+    confidence_logits: torch.Tensor | None = None  # [R, γ] raw head logits (calibration rollouts)
 
 
 class Drafter:

@@ -25,7 +25,11 @@ from dspark.decode.drafter import Drafter, Proposal
 
 
 class DSparkDrafter(Drafter):
-    def __init__(self, draft, *, max_batch: int, max_seq_len: int, name: str | None = None):
+    """`sts_temperatures` [γ] (Sequential Temperature Scaling, dspark.train.calibrate) calibrate the
+    confidences: c_k = σ(z_k / T_k); default: the draft's `sts_temperatures` attribute, else none."""
+
+    def __init__(self, draft, *, max_batch: int, max_seq_len: int, name: str | None = None,
+                 sts_temperatures=None):
         vocab = draft.vocab_size
         super().__init__(vocab, draft.block_size)
         self.draft = draft
@@ -35,6 +39,12 @@ class DSparkDrafter(Drafter):
         self.max_batch = max_batch
         self.cache: list[tuple[torch.Tensor, ...]] | None = None  # allocated on the first observe
         self.anchor_pos = torch.zeros(max_batch, dtype=torch.long, device=draft.device)
+        temps = sts_temperatures if sts_temperatures is not None else getattr(draft, "sts_temperatures", None)
+        if temps is not None:
+            temps = torch.as_tensor(temps, dtype=torch.float32, device=draft.device)
+            if temps.shape != (self.num_draft_tokens,) or not (temps > 0).all():
+                raise ValueError(f"STS temperatures must be {self.num_draft_tokens} positive values, got {temps.tolist()}")
+        self.sts = temps
 
     def _allocate(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
         # Row shapes are only known from the draft's first output: one buffer per layer and tensor,
@@ -68,4 +78,7 @@ class DSparkDrafter(Drafter):
         context = [tuple(buf[:r] for buf in layer) for layer in self.cache]
         tokens, logits, conf = self.draft.draft_block(block_ids, block_pos, context, valid, slots.anchor,
                                                       *slots.sampling(), u)
-        return Proposal(tokens=tokens, logits=logits, confidence=None if conf is None else torch.sigmoid(conf))
+        if conf is None:
+            return Proposal(tokens=tokens, logits=logits)
+        calibrated = torch.sigmoid(conf if self.sts is None else conf / self.sts)
+        return Proposal(tokens=tokens, logits=logits, confidence=calibrated, confidence_logits=conf)

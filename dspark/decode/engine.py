@@ -273,6 +273,7 @@ class Engine:
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
         logprobs, stopped, verified = res.logprobs.tolist(), res.stopped.tolist(), res.verify_len.tolist()
         proposals = res.proposal.tolist() if self.record_proposals else None
+        conf = res.confidence_logits.tolist() if self.record_proposals and res.confidence_logits is not None else None
         if self.scheduler == "async":
             cap = schedulers.capacity(res.confidence, room.to(dev), decoding.to(dev), self.sps)
             self._capacities.append(int(cap))
@@ -285,6 +286,8 @@ class Engine:
             req.stats.record(verified[s], accepted[s], num[s])
             if proposals is not None:
                 req.stats.proposals.append(proposals[s])
+            if conf is not None:
+                req.stats.confidence_logits.append(conf[s])
             if stopped[s]:
                 self._finish(req, "stop")
             elif len(req.output) >= req.params.max_tokens:

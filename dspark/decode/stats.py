@@ -14,6 +14,7 @@ class RequestStats:
     accepted: list[int] = field(default_factory=list)  # drafts accepted per round
     emitted: list[int] = field(default_factory=list)  # tokens emitted per round (a+1, or a at a draft stop)
     proposals: list[list[int]] = field(default_factory=list)  # drafted tokens per round, when recorded
+    confidence_logits: list[list[float]] = field(default_factory=list)  # raw confidences per round, when recorded
 
     def record(self, proposal_len: int, accepted: int, emitted: int) -> None:
         self.rounds += 1
@@ -55,7 +56,8 @@ class RequestStats:
     def merge(self, other: "RequestStats") -> "RequestStats":
         return RequestStats(self.prompt_tokens + other.prompt_tokens, self.prefill_forwards + other.prefill_forwards,
                             self.rounds + other.rounds, self.proposal_lens + other.proposal_lens,
-                            self.accepted + other.accepted, self.emitted + other.emitted)
+                            self.accepted + other.accepted, self.emitted + other.emitted,
+                            self.proposals + other.proposals, self.confidence_logits + other.confidence_logits)
 
     def summary(self) -> str:
         return (f"rounds {self.rounds}, target forwards {self.target_forwards}, tokens {self.generated_tokens}, "

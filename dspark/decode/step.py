@@ -82,6 +82,7 @@ class StepResult:
     verify_len: torch.Tensor | None = None  # [R] drafts verified this round
     proposal: torch.Tensor | None = None  # [R, γ] drafted tokens (read back only when recording)
     confidence: torch.Tensor | None = None  # [R, γ]
+    confidence_logits: torch.Tensor | None = None  # [R, γ] raw (read back only when recording)
 
 
 def _logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,8 @@ def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     rows = (layout.start.unsqueeze(-1) + torch.arange(gamma + 1, device=seq.device)).clamp(max=out.logits.shape[0] - 1)
     logprobs = _logprob(out.logits[rows], emitted)
     return StepResult(tokens=emitted, num_tokens=num, logprobs=logprobs, accepted=accepted, stopped=stopped,
-                      verify_len=layout.verify_len, proposal=proposal.tokens, confidence=proposal.confidence)
+                      verify_len=layout.verify_len, proposal=proposal.tokens, confidence=proposal.confidence,
+                      confidence_logits=proposal.confidence_logits)
 
 
 def prefill_layout(chunks: list[tuple[int, int, list[int], list[int], bool]], *, max_batch: int, dummy_slot: int,

@@ -292,6 +292,12 @@ class DraftModel(BlockHeads, nn.Module):
 
         save_draft(self, path)
 
+    def load_weights(self, path: str | Path) -> None:
+        """Copy a checkpoint of this exact config into the model (strict; see draft_load)."""
+        from dspark.model.draft_load import load_draft_weights
+
+        load_draft_weights(self, path)
+
     # ------------------------------------------------------------------ backbone
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] → cos, sin [..., hd/2] fp32 (HF's default inv_freq, built on the device)."""

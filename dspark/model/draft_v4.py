@@ -24,6 +24,7 @@ from torch import nn
 from dspark import ops
 from dspark.config import ModelConfig
 from dspark.model.layers import RMSNorm, linear
+from dspark.model.draft import TrainOutput, block_label_index
 from dspark.model.markov import BlockHeads, ConfidenceHead, MarkovHead
 from dspark.model.mhc import HyperHead
 from dspark.model.target import DecoderLayer, cast_keeping_fp32_islands, randomize_, reset_rotary_buffers
@@ -93,23 +94,57 @@ class V4DSparkDraft(BlockHeads, nn.Module):
                      context_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block_ids, block_pos [R, γ]; context per stage ([R, C, hd],); context_valid [R, C] →
         (pre-norm collapsed state h_pre [R, γ, D], post-norm h [R, γ, D])."""
-        embed, _ = self._target_parts()
-        x = embed(block_ids)  # [R, γ, D]
-        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, -1).contiguous()
         gamma = block_ids.shape[1]
         allowed = torch.cat([context_valid, context_valid.new_ones(context_valid.shape[0], gamma)], dim=1)
-        mask = allowed.unsqueeze(1).expand(-1, gamma, -1)  # every block row sees the same keys
-        for stage, (rows,) in zip(self.stages, context):
+        return self._stages(block_ids, block_pos, [rows for (rows,) in context], allowed.unsqueeze(1).expand(-1, gamma, -1))
+
+    def _stages(self, block_ids: torch.Tensor, block_pos: torch.Tensor, context: list[torch.Tensor],
+                allowed: torch.Tensor, embed_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """N blocks: ids / positions [N, γ], context rows per stage [N, C, hd], allowed [N, γ, C+γ]
+        (query row × [context ; block] keys) → (h_pre, h) [N, γ, D]."""
+        embed, _ = self._target_parts()
+        with torch.set_grad_enabled(embed_grad and torch.is_grad_enabled()):
+            x = embed(block_ids)  # [N, γ, D]; the target's embedding is frozen
+        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, -1).contiguous()
+        key_ok = allowed.any(1).unsqueeze(-1)  # [N, C+γ, 1]: rows no query reads may hold garbage
+        for stage, rows in zip(self.stages, context):
             def attend(attn, h, rows=rows):
                 cos, sin = attn.rotary(block_pos)
-                q, _ = attn.project_q(h, cos, sin)  # [R, γ, H, hd]
-                keys = torch.cat([rows.to(h.dtype), attn.project_kv(h, cos, sin)], dim=1)  # [R, C+γ, hd]
-                keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)  # unwritten ring rows may hold garbage
-                return attn.project_out(ops.sink_attention(q, keys, mask, attn.sinks, attn.scale), cos, sin)
+                q, _ = attn.project_q(h, cos, sin)  # [N, γ, H, hd]
+                keys = torch.cat([rows.to(h.dtype), attn.project_kv(h, cos, sin)], dim=1)  # [N, C+γ, hd]
+                keys = torch.where(key_ok, keys, 0.0)
+                return attn.project_out(ops.sink_attention(q, keys, allowed, attn.sinks, attn.scale), cos, sin)
 
             streams = stage(streams, block_ids, attend)
         h_pre = self.hc_head(streams)
         return h_pre, self.norm(h_pre)
+
+    def forward_train(self, input_ids: torch.Tensor, ctx_features: torch.Tensor, anchors: torch.Tensor,
+                      keep: torch.Tensor) -> TrainOutput:
+        """All K blocks of each sequence in one pass, the V4 way: block k at anchor p sees the context
+        rows of positions [p − W, p) (the ring an engine would hold) and its own block; dummy blocks see
+        nothing. Markov and confidence heads are teacher-forced (prev_i = the token at p+i)."""
+        b, s = input_ids.shape
+        k, gamma = anchors.shape[1], self.block_size
+        keep = keep.bool()
+        ctx_pos = torch.arange(s, device=input_ids.device)
+        rows = [r for (r,) in self.context_rows(self.project_context(ctx_features), ctx_pos.expand(b, s))]  # [B, S, hd]
+        first = torch.where(keep, input_ids.gather(1, anchors), self.block_input_token)  # [B, K]
+        block_ids = torch.cat([first.unsqueeze(-1), first.new_full((b, k, gamma - 1), self.block_input_token)], -1)
+        positions = anchors.unsqueeze(-1) + torch.arange(gamma, device=anchors.device)  # [B, K, γ]
+        p = anchors.unsqueeze(-1)
+        ctx_ok = (ctx_pos < p) & (ctx_pos >= p - self.context_window) & keep.unsqueeze(-1)  # [B, K, S]
+        allowed = torch.cat([ctx_ok, keep.unsqueeze(-1).expand(b, k, gamma)], dim=-1)  # [B, K, S+γ]
+        allowed = allowed.unsqueeze(2).expand(b, k, gamma, s + gamma).reshape(b * k, gamma, s + gamma)
+        context = [r.unsqueeze(1).expand(b, k, s, r.shape[-1]).reshape(b * k, s, -1) for r in rows]
+        h_pre, h = self._stages(block_ids.view(b * k, gamma), positions.view(b * k, gamma), context, allowed)
+        h_pre, h = h_pre.view(b, k, gamma, -1), h.view(b, k, gamma, -1)
+        labels = input_ids.gather(1, block_label_index(anchors, keep, s, gamma).flatten(1)).view(b, k, gamma)
+        prev = torch.cat([block_ids[..., :1], labels[..., :-1]], dim=-1)  # [B, K, γ]
+        conf_input = (h_pre if self.confidence_pre_norm else h).float()
+        return TrainOutput(draft_logits=self.corrected_logits_tf(self.base_logits(h), prev, h.float()),
+                           confidence_logits=self.confidence_logits(conf_input, prev), labels=labels,
+                           positions=positions)
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] → the target LM head's logits [..., V] in fp32 (upcast, as the reference)."""
@@ -123,7 +158,19 @@ class V4DSparkDraft(BlockHeads, nn.Module):
         return self.sample_block(self.base_logits(h), h.float(), anchor, temperature, top_k, top_p, u,
                                  h_confidence=conf_input)
 
-    # ---------------------------------------------------------------- construction
+    # ---------------------------------------------------------------- construction and files
+    def save_pretrained(self, path) -> None:
+        from dspark.model.load import save_dspark_draft
+
+        save_dspark_draft(self, path)
+
+    def load_weights(self, path) -> None:
+        """Copy the `mtp.*` stages of a checkpoint into this draft (strict, FP8 / FP4 dequantised)."""
+        from dspark.model.load import dspark_stage_sources, load_weights
+
+        stages = len(self.stages)
+        load_weights(self, path, sources=lambda name, shape: dspark_stage_sources(name, shape, stages))
+
     @classmethod
     def empty(cls, config: ModelConfig, num_stages: int, *, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", **kw) -> "V4DSparkDraft":

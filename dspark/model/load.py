@@ -824,6 +824,20 @@ def load_dspark_draft(path: str | Path, target=None, *, dtype: torch.dtype = tor
     return draft.attach(target) if target is not None else draft
 
 
+def save_dspark_draft(draft, path: str | Path) -> None:
+    """Write a V4 DSpark draft as a release would hold it: `mtp.<s>.*` tensors (dequantised) and the
+    target config with its dspark_* fields (the target's own tensors are not written)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stages = len(draft.stages)
+    config = config_to_dict(draft.config.replace(mtp_kind="dspark", num_mtp_layers=stages))
+    config.pop("quantization_config", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = to_upstream(draft.state_dict(), sources=lambda name, shape: dspark_stage_sources(name, shape, stages))
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
 def save_pretrained(model: nn.Module, path: str | Path) -> None:
     """Write `config.json` and `model.safetensors` with upstream names, in the model's dtypes.
 

@@ -161,3 +161,19 @@ def save(path: str | Path, temperatures: torch.Tensor, rows: list[dict]) -> None
     """Temperatures and the metric table as JSON, saved next to the draft."""
     Path(path).write_text(json.dumps({"sts_temperatures": [float(t) for t in temperatures], "metrics": rows},
                                      indent=2) + "\n")
+
+
+def rollout_arrays(stats_list, gamma: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Engine statistics of full-block rounds (recorded with `record_proposals=True`) → (z, labels,
+    verified) [N, γ]: label k = 1 iff drafts 0..k were accepted; slot k counts iff it was verified."""
+    z, labels, verified = [], [], []
+    for stats in stats_list:
+        if len(stats.confidence_logits) != stats.rounds:
+            raise ValueError("rollouts need confidence logits for every round (record_proposals=True, a DSpark drafter)")
+        for logits, ell, a in zip(stats.confidence_logits, stats.proposal_lens, stats.accepted):
+            z.append(logits)
+            labels.append([1 if a > k else 0 for k in range(gamma)])
+            verified.append([k < ell for k in range(gamma)])
+    if not z:
+        raise ValueError("no decode rounds to calibrate on")
+    return torch.tensor(z), torch.tensor(labels), torch.tensor(verified)

@@ -21,7 +21,7 @@ from dspark.config import TrainConfig
 from dspark.train.data import step_generator
 from dspark.train.loss import LossConfig, aligned_target_logits, dspark_loss, sample_anchors
 
-FROZEN = ("embed_tokens.weight", "lm_head.weight")
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # copies of the target's (the V4 layout holds none)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -53,7 +53,7 @@ class DraftTrainer:
         anchors, keep = torch.stack(anchors), torch.stack(keep)
         out = self.draft.forward_train(batch.input_ids, batch.features, anchors, keep)
         target_logits = aligned_target_logits(self.draft.base_logits, batch.last_hidden, anchors, keep,
-                                              self.draft.config.block_size)
+                                              self.draft.block_size)
         loss = dspark_loss(out, target_logits, batch.loss_mask, anchors, keep, self.loss_config)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
@@ -101,12 +101,10 @@ class DraftTrainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Atomically replace `out_dir/checkpoint` (weights as safetensors, optimizer, step)."""
-        from dspark.model.draft_load import save_draft
-
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_draft(self.draft, tmp / "draft")
+        self.draft.save_pretrained(tmp / "draft")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "weights_sha256": weights_hash(self.draft),
                                                       "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -120,11 +118,9 @@ class DraftTrainer:
         return final
 
     def load_checkpoint(self) -> None:
-        from dspark.model.draft_load import load_draft_weights
-
         path = self.out / "checkpoint"
         meta = json.loads((path / "trainer.json").read_text())
-        load_draft_weights(self.draft, path / "draft")
+        self.draft.load_weights(path / "draft")
         # The optimizer state is plain tensors and numbers: weights_only refuses anything else.
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.step = int(meta["step"])
