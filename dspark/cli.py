@@ -137,6 +137,85 @@ def cmd_generate(args) -> int:
     return 0
 
 
+TRAIN_EPILOG = """\
+examples:
+  dspark train-draft --target tiny --out runs/tiny-dspark --steps 300
+  dspark train-draft --target ./nano --kind dflash --data corpus/ --seq-len 256 --calibrate 32
+
+Writes OUT/checkpoint (resumed automatically), OUT/loss.jsonl (one JSON line per step), and the
+trained draft in OUT/draft; with --calibrate, STS temperatures (OUT/draft/sts.json), a metric table
+(OUT/calibration.txt) and a reliability diagram (OUT/reliability.png)."""
+
+
+def _load_target_for_training(args):
+    from dspark.config import ModelConfig
+    from dspark.model.target import DeepseekV4
+
+    if Path(args.target).is_dir():
+        return DeepseekV4.from_pretrained(args.target).eval()
+    return DeepseekV4.random(ModelConfig.preset(args.target), seed=args.seed).eval()
+
+
+def _training_sequences(args, target):
+    from dspark.train.data import SequenceData
+    from dspark.train.recipe import self_generated
+
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.data:
+        from dspark.text import load_tokenizer
+
+        if not Path(args.target).is_dir():
+            raise ValueError("--data needs a --target checkpoint directory with a tokenizer.json")
+        tok = load_tokenizer(args.target)
+        files = [f for p in args.data for f in (sorted(Path(p).rglob("*")) if Path(p).is_dir() else [Path(p)])
+                 if f.is_file()]
+        seqs = [torch.tensor(ids) for ids in (tok.encode(f.read_text(errors="replace")) for f in files)
+                if len(ids) >= args.seq_len]
+        if not seqs:
+            raise ValueError(f"no file under {args.data} has {args.seq_len} tokens")
+        return SequenceData(seqs, args.seq_len)
+    vocab = target.config.vocab_size
+    prompts = [torch.randint(0, vocab, (4,), generator=gen).tolist() for _ in range(args.sequences)]
+    print(f"generating {args.sequences} training sequences of {args.seq_len + 16} tokens with the target",
+          file=sys.stderr)
+    return SequenceData(self_generated(target, prompts, args.seq_len + 16, seed=args.seed), args.seq_len)
+
+
+def cmd_train_draft(args) -> int:
+    from dspark.config import TrainConfig
+    from dspark.train.recipe import calibrate_draft, new_draft, train_draft
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                         num_anchors=args.anchors, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    target = _load_target_for_training(args)
+    taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
+    draft_kw = dict(layers=args.layers) if args.kind == "dspark-v4" else dict(
+        layers=args.layers, block_size=args.block_size, markov_rank=args.markov_rank, markov_head=args.markov_head,
+        taps=taps)
+    draft = new_draft(target, args.kind, args.seed, **draft_kw)
+    data = _training_sequences(args, target)
+    start = time.perf_counter()
+    last = train_draft(target, draft, data, config, args.kind, args.out, progress=not args.no_progress,
+                       resume=not args.no_resume)
+    print(f"trained {args.kind} for {config.steps} steps in {time.perf_counter() - start:.1f} s: "
+          f"loss {last.get('loss', float('nan')):.4f}, tau_probabilistic "
+          f"{last.get('train/tau_probabilistic', float('nan')):.3f}; draft in {Path(args.out) / 'draft'}",
+          file=sys.stderr)
+    if args.calibrate:
+        if args.kind.startswith("dflash"):
+            raise ValueError("--calibrate needs a confidence head (kind dspark or dspark-v4)")
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        prompts = [torch.randint(0, target.config.vocab_size, (8,), generator=gen).tolist()
+                   for _ in range(args.calibrate)]
+        rows = calibrate_draft(target, draft, prompts, args.out, seed=args.seed)
+        from dspark.train.calibrate import format_table
+
+        print(format_table(rows), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dspark", description="Lossless speculative decoding for DeepSeek-V4-class models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -180,6 +259,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch CPU threads; 0 keeps torch's default (default: 0)")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser(
+        "train-draft", help="train a DSpark / DFlash draft for a target", epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a draft model on the target's own features (dspark.md §4): block anchors, the\n"
+                    "CE + L1 + confidence loss, AdamW with warmup and cosine decay; optionally calibrate\n"
+                    "its confidences with Sequential Temperature Scaling.")
+    t.add_argument("--target", default="tiny", metavar="PATH|PRESET",
+                   help="target checkpoint directory, or a random-weight preset such as tiny (default: tiny)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, log, draft)")
+    t.add_argument("--kind", choices=["dspark", "dflash", "dflash-l1", "dspark-v4"], default="dspark",
+                   help="dspark (Markov + confidence heads), dflash (CE only), dflash-l1 (DFlash with the L1 "
+                        "term), dspark-v4 (the V4 release layout; needs dspark_* target fields) (default: dspark)")
+    t.add_argument("--layers", type=int, default=2, help="draft layers / V4 stages (default: 2)")
+    t.add_argument("--block-size", type=int, default=7, help="γ, drafted tokens per block (default: 7)")
+    t.add_argument("--markov-rank", type=int, default=64, help="rank of the Markov head (default: 64)")
+    t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], default="vanilla",
+                   help="Markov head type (default: vanilla)")
+    t.add_argument("--taps", metavar="L1,L2,...", help="target layers whose outputs feed the draft "
+                                                       "(default: spread over the target, never the last)")
+    t.add_argument("--data", action="append", metavar="PATH",
+                   help="text files or directories (tokenized with the target's tokenizer); default: sequences "
+                        "generated by the target itself from random prompts")
+    t.add_argument("--sequences", type=int, default=64, help="self-generated sequences (default: 64)")
+    t.add_argument("--seq-len", type=int, default=128, help="training window in tokens (default: 128)")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    t.add_argument("--anchors", type=int, default=16, help="blocks per sequence (default: 16)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    t.add_argument("--seed", type=int, default=42, help="seed of data, anchors and init (default: 42)")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    t.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="fit STS temperatures on rollouts of N held-out prompts (default: off)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
+    t.set_defaults(func=cmd_train_draft)
     return parser
 
 

@@ -142,3 +142,33 @@ def test_terminal_output_escapes_control_characters(capsys, monkeypatch):
     text = out.getvalue()
     assert "\\x00" in text and "\\x06" in text
     assert all(c in "\n\t" or c.isprintable() or ord(c) >= 0xA0 for c in text)
+
+
+def test_train_draft_end_to_end(tmp_path, capsys):
+    """`dspark train-draft` on the tiny preset: trains, saves, calibrates, resumes."""
+    from dspark.cli import main
+    from dspark.model.draft_load import load_draft
+
+    out = tmp_path / "run"
+    args = ["train-draft", "--out", str(out), "--steps", "6", "--sequences", "6", "--seq-len", "40",
+            "--anchors", "4", "--batch-size", "2", "--checkpoint-every", "3", "--calibrate", "4", "--no-progress",
+            "--block-size", "4", "--markov-rank", "8"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "trained dspark for 6 steps" in err and "ECE before" in err
+    for name in ("loss.jsonl", "calibration.txt", "reliability.png", "draft/sts.json", "checkpoint/trainer.json"):
+        assert (out / name).exists(), name
+    draft = load_draft(out / "draft")
+    assert draft.sts_temperatures is not None and draft.sts_temperatures.shape == (4,)
+    assert main(args[:4] + ["7"] + args[5:]) == 0  # resumes at step 6 and trains one more
+    assert len((out / "loss.jsonl").read_text().splitlines()) == 7
+
+
+def test_train_draft_refuses_bad_requests(tmp_path, capsys):
+    from dspark.cli import main
+
+    assert main(["train-draft", "--out", str(tmp_path), "--kind", "dflash", "--steps", "2", "--sequences", "2",
+                 "--seq-len", "24", "--anchors", "2", "--batch-size", "1", "--calibrate", "2", "--no-progress"]) == 1
+    assert "needs a confidence head" in capsys.readouterr().err
+    assert main(["train-draft", "--out", str(tmp_path), "--data", "x.txt", "--steps", "1"]) == 1
+    assert "--data needs a --target checkpoint directory" in capsys.readouterr().err

@@ -137,7 +137,19 @@ def load_draft(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     """
     model = DraftModel.empty(read_draft_config(path), dtype=dtype, device=device)
     load_draft_weights(model, path, shared_embed=shared_embed, shared_head=shared_head)
+    model.sts_temperatures = read_sts(path)
     return model
+
+
+def read_sts(path: str | Path) -> torch.Tensor | None:
+    """STS temperatures saved next to a draft (`sts.json`, dspark.train.calibrate), or None."""
+    file = Path(path) / "sts.json"
+    if not file.is_file():
+        return None
+    temps = json.loads(file.read_text()).get("sts_temperatures")
+    if not isinstance(temps, list) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+        raise ValueError(f"{file}: sts_temperatures must be a list of positive numbers")
+    return torch.tensor(temps, dtype=torch.float32)
 
 
 def load_draft_weights(model: DraftModel, path: str | Path, *, shared_embed: torch.Tensor | None = None,

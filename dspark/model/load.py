@@ -821,6 +821,9 @@ def load_dspark_draft(path: str | Path, target=None, *, dtype: torch.dtype = tor
         draft = V4DSparkDraft.empty(config, stages, dtype=dtype, device=device, confidence_pre_norm=confidence_pre_norm)
         load_weights(draft, reader, fp8_block=_fp8_block(raw),
                      sources=lambda name, shape: dspark_stage_sources(name, shape, stages))
+    from dspark.model.draft_load import read_sts
+
+    draft.sts_temperatures = read_sts(path)
     return draft.attach(target) if target is not None else draft
 
 
