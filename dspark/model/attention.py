@@ -77,7 +77,9 @@ class Compressor(nn.Module):
         entry = self.pool(cur_kv, cur_gate, prev_kv, prev_gate, window.clamp(min=0))  # [T, C]
         page_size = pool.shape[1] * m
         first = window.clamp(min=0) * m
-        page = torch.where(closes, block_table[idx.slot, first // page_size], 0)  # page 0: trash
+        # Padding rows may carry any position: clamp the page lookup, their writes go to the trash page.
+        page_index = (first // page_size).clamp(max=block_table.shape[1] - 1)
+        page = torch.where(closes, block_table[idx.slot, page_index], 0)  # page 0: trash
         pool[page, (first % page_size) // m] = entry.to(pool.dtype)
         idx.ring_write(raw_kv, kv, dummy_slot)
         idx.ring_write(raw_gate, gate, dummy_slot)

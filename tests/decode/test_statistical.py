@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from dspark import ops
-from dspark.config import ModelConfig
+from dspark.config import DSparkFields, ModelConfig
 from dspark.decode import generate
+from dspark.decode.dspark import DSparkDrafter
+from dspark.model.draft import DraftConfig, DraftModel
+from dspark.model.draft_v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
 from tests.decode.drafters import FixedDistributionDrafter, OracleDrafter
 
@@ -27,7 +30,9 @@ FILTERS = {"plain": dict(temperature=1.0), "top_k": dict(temperature=0.8, top_k=
 
 @functools.lru_cache(maxsize=None)
 def small_vocab_model() -> DeepseekV4:
-    model = DeepseekV4.random(ModelConfig.tiny(vocab_size=V), seed=4).eval()
+    config = ModelConfig.tiny(vocab_size=V, dspark=DSparkFields(block_size=3, noise_token_id=V - 1,
+                                                                target_layer_ids=(1, 2, 3), markov_rank=4))
+    model = DeepseekV4.random(config, seed=4).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(3)  # sharper distributions: acceptance varies more across tokens
     return model
@@ -100,6 +105,8 @@ def greedy_continuation() -> tuple[int, ...]:
 
 
 def make_drafter(kind: str, max_batch: int):
+    if kind.startswith(("dspark", "dflash")):
+        return DSparkDrafter(random_draft(kind), max_batch=max_batch, max_seq_len=64)
     if kind == "wrong":
         return FixedDistributionDrafter(V, 2, max_batch, torch.tensor([3.0, 0.0, 0.0, 1.0, -2.0, 0.0]))
     if kind == "oracle":  # near-oracle: proposes the greedy continuation, 10 % noise
@@ -108,7 +115,24 @@ def make_drafter(kind: str, max_batch: int):
     return None
 
 
-def sample_counts(method: str, gamma, filter_name: str, samples: int, batch: int = 256) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def random_draft(kind: str):
+    """Untrained drafts with genuinely soft, context-dependent q and confidences."""
+    target = small_vocab_model()
+    if kind == "dspark-v4":
+        return V4DSparkDraft.random(target.config, 2, seed=5).eval().attach(target)
+    head = kind.split("-")[1] if kind.startswith("dspark-") else "vanilla"
+    rank = 0 if kind == "dflash" else 4
+    cfg = DraftConfig.tiny(vocab_size=V, mask_token_id=V - 1, target_layer_ids=(1, 2), num_target_layers=4,
+                           target_hidden_size=56, block_size=3, markov_rank=rank, markov_head_type=head,
+                           has_confidence_head=rank > 0, confidence_with_markov=rank > 0)
+    return DraftModel.random(cfg, seed=6).eval()
+
+
+SPS = [0.0] + [1.0 / (1 + 0.002 * b) for b in range(1, 4000)]  # a made-up steps/s table for the schedulers
+
+
+def sample_counts(method: str, gamma, filter_name: str, samples: int, batch: int = 256, **engine_kw) -> torch.Tensor:
     counts = torch.zeros([V] * NEW, dtype=torch.long)
     done = 0
     while done < samples:
@@ -117,22 +141,37 @@ def sample_counts(method: str, gamma, filter_name: str, samples: int, batch: int
         res = generate(small_vocab_model(), [PROMPT] * n, method="ar" if drafter else method, drafter=drafter,
                        num_draft_tokens=gamma, max_new_tokens=NEW, max_seq_len=64, max_batch=n,
                        prefill_chunk=n * PROMPT_LEN, seed=[1_000_003 * (done + i) + 17 for i in range(n)],
-                       **FILTERS[filter_name])
+                       **FILTERS[filter_name], **engine_kw)
         for r in res:
             counts[tuple(r.token_ids)] += 1
         done += n
     return counts
 
 
-CASES = [("ar", None), ("mtp", 1), ("mtp", 2), ("ngram", 2), ("wrong", None), ("oracle", None)]
+CASES = [("ar", None), ("mtp", 1), ("mtp", 2), ("ngram", 2), ("wrong", None), ("oracle", None),
+         ("dspark-vanilla", None), ("dspark-gated", None), ("dspark-rnn", None), ("dflash", None), ("dspark-v4", None)]
 
 
 @pytest.mark.parametrize("method,gamma,filter_name", [("ar", None, "plain"), ("mtp", 1, "top_p"),
                                                       ("ngram", 2, "top_k"), ("wrong", None, "plain"),
-                                                      ("oracle", None, "top_p")])
+                                                      ("oracle", None, "top_p"), ("dspark-rnn", None, "plain"),
+                                                      ("dspark-v4", None, "top_k")])
 def test_joint_distribution_small(method, gamma, filter_name):
     counts = sample_counts(method, gamma, filter_name, samples=2048)
     assert g_test(counts, exact_joint(filter_name)) > 1e-3
+
+
+@pytest.mark.parametrize("scheduler", ["hardware", "async", "threshold-survival"])
+def test_joint_distribution_under_confidence_schedulers(scheduler):
+    """Verify lengths chosen from the draft's confidences (calibrated or not) never bias the output."""
+    counts = sample_counts("dspark-gated", None, "plain", samples=2048, scheduler=scheduler, sps=SPS, threshold=0.3)
+    assert g_test(counts, exact_joint("plain")) > 1e-3
+    # coverage: the scheduler really chose different verify lengths across requests and rounds
+    res = generate(small_vocab_model(), [PROMPT] * 64, drafter=make_drafter("dspark-gated", 64), max_new_tokens=NEW,
+                   max_seq_len=64, max_batch=64, seed=list(range(64)), temperature=1.0, scheduler=scheduler, sps=SPS,
+                   threshold=0.3)
+    lengths = {ell for r in res for ell in r.stats.proposal_lens}
+    assert len(lengths) >= 2, lengths
 
 
 @pytest.mark.extended
@@ -141,6 +180,13 @@ def test_joint_distribution_small(method, gamma, filter_name):
 def test_joint_distribution(method, gamma, filter_name):
     counts = sample_counts(method, gamma, filter_name, samples=100_000, batch=1024)
     assert g_test(counts, exact_joint(filter_name)) > 1e-3
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("scheduler", ["hardware", "async"])
+def test_joint_distribution_under_schedulers_large(scheduler):
+    counts = sample_counts("dspark-vanilla", None, "plain", samples=100_000, batch=1024, scheduler=scheduler, sps=SPS)
+    assert g_test(counts, exact_joint("plain")) > 1e-3
 
 
 def test_g_test_detects_a_biased_sampler():
