@@ -1,10 +1,13 @@
-"""The draft training loop: AdamW with warmup + cosine, clipping, checkpoints with exact resume.
+"""The training loop: AdamW with warmup + cosine, clipping, checkpoints with exact resume.
 
-Each step draws its batch as a pure function of (seed, step) and samples anchors from a generator
-seeded the same way, so the only state is the step, the weights and the optimizer: a run stopped at
-any checkpoint and resumed ends with the same weights as an uninterrupted one. Embedding and LM head
-stay frozen (copies of the target's). Every step appends one JSON line to `loss.jsonl`; a resumed
-run first drops lines past its checkpoint.
+`Trainer` owns the loop; a subclass says what one step computes (`compute`) and what happens after
+the optimizer step (`after_step`). Each step draws its data as a pure function of (seed, step), so
+the only state is the step, the weights (buffers included) and the optimizer: a run stopped at any
+checkpoint and resumed ends with the same weights as an uninterrupted one. Every step appends one
+JSON line to `loss.jsonl`; a resumed run first drops lines past its checkpoint. The model provides
+`save_pretrained(dir)` and `load_weights(dir)`.
+
+`DraftTrainer` trains a draft (embedding and LM head frozen: copies of the target's).
 """
 
 from __future__ import annotations
@@ -32,40 +35,37 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class DraftTrainer:
-    def __init__(self, draft, data, config: TrainConfig, loss: LossConfig, out_dir: str | Path):
-        self.draft, self.data, self.config, self.loss_config = draft, data, config, loss
+class Trainer:
+    def __init__(self, model, config: TrainConfig, out_dir: str | Path, frozen: tuple[str, ...] = ()):
+        self.model, self.config = model, config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        for name, p in draft.named_parameters():
-            p.requires_grad_(name not in FROZEN)
-        self.params = [p for p in draft.parameters() if p.requires_grad]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
                                            weight_decay=config.weight_decay)
         self.step = 0
 
-    # ---------------------------------------------------------------- one step
+    def compute(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of step `step` (differentiable) and the values to log."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (e.g. non-gradient updates of buffers)."""
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        batch = self.data.batch(step)
-        gen = step_generator(cfg.seed, step, "anchors")
-        anchors, keep = zip(*(sample_anchors(m, cfg.num_anchors, gen) for m in batch.loss_mask))
-        anchors, keep = torch.stack(anchors), torch.stack(keep)
-        out = self.draft.forward_train(batch.input_ids, batch.features, anchors, keep)
-        target_logits = aligned_target_logits(self.draft.base_logits, batch.last_hidden, anchors, keep,
-                                              self.draft.block_size)
-        loss = dspark_loss(out, target_logits, batch.loss_mask, anchors, keep, self.loss_config)
+        loss, extra = self.compute(step)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.loss.backward()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
-        record = {"step": step, "loss": float(loss.loss.detach()), "lr": cfg.lr_at(step), "grad_norm": float(grad_norm)}
-        for name, metric in loss.metrics.items():
-            if float(metric.den) > 0:
-                record[name] = float(metric.num / metric.den)
-        return record
+        self.after_step(step)
+        return {"step": step, "loss": float(loss.detach()), "lr": cfg.lr_at(step), "grad_norm": float(grad_norm),
+                **extra}
 
     # ---------------------------------------------------------------- the loop
     def train(self, *, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -104,9 +104,9 @@ class DraftTrainer:
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self.draft.save_pretrained(tmp / "draft")
+        self.model.save_pretrained(tmp / "model")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "weights_sha256": weights_hash(self.draft),
+        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "weights_sha256": weights_hash(self.model),
                                                       "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         final = self.out / "checkpoint"
         old = self.out / "checkpoint.old"
@@ -120,12 +120,33 @@ class DraftTrainer:
     def load_checkpoint(self) -> None:
         path = self.out / "checkpoint"
         meta = json.loads((path / "trainer.json").read_text())
-        self.draft.load_weights(path / "draft")
+        self.model.load_weights(path / "model")
         # The optimizer state is plain tensors and numbers: weights_only refuses anything else.
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.step = int(meta["step"])
-        if weights_hash(self.draft) != meta["weights_sha256"]:
+        if weights_hash(self.model) != meta["weights_sha256"]:
             raise ValueError(f"checkpoint {path} is corrupt: weights hash does not match trainer.json")
+
+
+class DraftTrainer(Trainer):
+    """DSpark / DFlash draft training on the target's features (dspark.md §4)."""
+
+    def __init__(self, draft, data, config: TrainConfig, loss: LossConfig, out_dir: str | Path):
+        super().__init__(draft, config, out_dir, frozen=FROZEN)
+        self.draft, self.data, self.loss_config = draft, data, loss
+
+    def compute(self, step: int):
+        cfg = self.config
+        batch = self.data.batch(step)
+        gen = step_generator(cfg.seed, step, "anchors")
+        anchors, keep = zip(*(sample_anchors(m, cfg.num_anchors, gen) for m in batch.loss_mask))
+        anchors, keep = torch.stack(anchors), torch.stack(keep)
+        out = self.draft.forward_train(batch.input_ids, batch.features, anchors, keep)
+        target_logits = aligned_target_logits(self.draft.base_logits, batch.last_hidden, anchors, keep,
+                                              self.draft.block_size)
+        loss = dspark_loss(out, target_logits, batch.loss_mask, anchors, keep, self.loss_config)
+        metrics = {name: float(m.num / m.den) for name, m in loss.metrics.items() if float(m.den) > 0}
+        return loss.loss, metrics
 
 
 class _progress:

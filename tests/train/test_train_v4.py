@@ -71,5 +71,5 @@ def test_training_raises_acceptance_and_checkpoints_round_trip(tmp_path):
     after = tau(decode(target(), d, heldout, 1.0))
     assert last < 0.7 * first and after > before + 0.5, (first, last, before, after)
     fresh = draft(seed=7)
-    fresh.load_weights(tmp_path / "checkpoint" / "draft")
+    fresh.load_weights(tmp_path / "checkpoint" / "model")
     assert weights_hash(fresh) == weights_hash(d)
