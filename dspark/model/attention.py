@@ -7,6 +7,8 @@ differ only in where keys come from. Facts: deepseek_v4.md §6–§9.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -15,6 +17,12 @@ from dspark.config import ModelConfig
 from dspark.model.batch import StepIndex
 from dspark.model.cache import LayerCache
 from dspark.model.layers import GroupedLinear, RMSNorm, RotaryTable, apply_rope, linear, unweighted_rms_norm
+
+
+class IndexerTargets(NamedTuple):
+    scores: torch.Tensor  # [B, S, W] fp32 indexer scores (gradient reaches the indexer only)
+    mass: torch.Tensor  # [B, S, W] the main attention's mass over causal entries, no gradient
+    causal: torch.Tensor  # [B, S, W] bool, entries query t may use
 
 
 class Compressor(nn.Module):
@@ -199,6 +207,20 @@ class Attention(nn.Module):
         chosen.scatter_(-1, torch.where(top < 0, index_keys.shape[1], top), True)
         return chosen[..., :-1]
 
+    def indexer_targets(self, x, q, q_lat, cos, sin, entries, visible) -> "IndexerTargets":
+        """What the indexer is distilled toward (training): its scores from DETACHED trunk inputs, so
+        the distillation loss trains the indexer only, and the main attention's mass over the causal
+        entries (softmax over entries per head, averaged over heads; no gradient)."""
+        indexer = self.compressor.indexer
+        xd, q_lat_d = x.detach(), q_lat.detach()
+        scores = ops.indexer_scores_ref(indexer.queries(q_lat_d, cos, sin), indexer.dense_entries(xd),
+                                        indexer.scorer(xd))  # [B, S, W]
+        causal = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)  # [B, S, W]
+        with torch.no_grad():
+            logits = torch.einsum("bshd,bwd->bshw", q.float(), entries.float()) * self.scale
+            mass = logits.masked_fill(~causal.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+        return IndexerTargets(scores=scores, mass=mass, causal=causal)
+
     # ---------------------------------------------------------------- cached ragged forward
     def forward_cached(self, x: torch.Tensor, idx: StepIndex, cache: LayerCache, block_table: torch.Tensor,
                        dummy_slot: int) -> torch.Tensor:
@@ -241,8 +263,10 @@ class Attention(nn.Module):
         return self.project_out(o, cos, sin)
 
     # ---------------------------------------------------------------- dense forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full sequences from position 0, no cache: x [B, S, D] → [B, S, D]."""
+    def forward(self, x: torch.Tensor, collect: list | None = None) -> torch.Tensor:
+        """Full sequences from position 0, no cache: x [B, S, D] → [B, S, D].
+
+        `collect` (training, CSA layers): appends `IndexerTargets` for the indexer's distillation."""
         b, s, _ = x.shape
         pos = torch.arange(s, device=x.device)
         cos, sin = self.rotary(pos.expand(b, s))
@@ -257,6 +281,8 @@ class Attention(nn.Module):
             if self.layer_type == "csa":
                 index_keys = self.compressor.indexer.dense_entries(x)
                 entry_allowed = self.select_entries(x, q_lat, cos, sin, index_keys, visible)
+                if collect is not None:
+                    collect.append(self.indexer_targets(x, q, q_lat, cos, sin, entries, visible))
             else:
                 entry_allowed = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
             keys = torch.cat([keys, entries], dim=1)

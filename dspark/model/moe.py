@@ -44,7 +44,10 @@ class Experts(nn.Module):
         self.limit = config.swiglu_limit
 
     def forward(self, x, weights, indices):
-        return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
+        # Training needs the grouped path (the gather reference holds a weight copy per token);
+        # inference keeps the sync-free one.
+        fn = ops.experts_sorted if torch.is_grad_enabled() and self.gate_up_proj.requires_grad else ops.experts
+        return fn(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
 
 
 class SharedExpert(nn.Module):

@@ -130,6 +130,12 @@ class DeepseekV4(nn.Module):
 
         save_pretrained(self, path)
 
+    def load_weights(self, path: str | Path) -> None:
+        """Copy a checkpoint of this architecture into the model in place (strict; e.g. to resume)."""
+        from dspark.model.load import load_weights
+
+        load_weights(self, path, load_mtp=self.has_mtp)
+
     def to_dtype(self, dtype: torch.dtype) -> "DeepseekV4":
         """Cast floating parameters to `dtype`, keeping the fp32 islands (never use `.to(bf16)`)."""
         return cast_keeping_fp32_islands(self, dtype)
@@ -164,8 +170,12 @@ class DeepseekV4(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size})")
 
-    def run(self, input_ids: torch.Tensor, tap_layers: tuple[int, ...] = ()) -> TargetOutput:
-        """Full sequences from position 0, no cache. input_ids [B, S] → TargetOutput."""
+    def run(self, input_ids: torch.Tensor, tap_layers: tuple[int, ...] = (), *, collect: list | None = None,
+            expert_load: torch.Tensor | None = None) -> TargetOutput:
+        """Full sequences from position 0, no cache. input_ids [B, S] → TargetOutput.
+
+        Training extras: `collect` receives each CSA layer's `IndexerTargets`; `expert_load`
+        [layers, E] counts expert assignments (for the bias balancing)."""
         self.check_input_ids(input_ids)
         for layer in tap_layers:
             if not 0 <= layer < self.config.num_layers:
@@ -173,8 +183,10 @@ class DeepseekV4(nn.Module):
         embed = self.model.embed_tokens(input_ids)  # [B, S, D]
         streams = embed.unsqueeze(-2).expand(*embed.shape[:-1], self.config.hc_mult, -1).contiguous()
         taps = {}
+        attend = dense_attend if collect is None else (lambda attn, x: attn(x, collect))
         for i, layer in enumerate(self.model.layers):
-            streams = layer(streams, input_ids, dense_attend)
+            load = None if expert_load is None else expert_load[i]
+            streams = layer(streams, input_ids, attend, None, load)
             if i in tap_layers:
                 taps[i] = streams.float().mean(dim=-2).to(streams.dtype)
         return TargetOutput(self.logits(streams), streams, taps)

@@ -11,7 +11,7 @@ from dspark.ops.mhc import hc_collapse, hc_expand, hc_head, hc_weights
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref
 from dspark.ops.rng import uniforms
 from dspark.ops.sampling import probs, probs_ref, sample, sample_ref
-from dspark.ops.moe import (experts, experts_ref, hash_route_ref, score_route_ref, swiglu_ref,
+from dspark.ops.moe import (experts, experts_ref, experts_sorted, hash_route_ref, score_route_ref, swiglu_ref,
                             topk_lowest_index)
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "indexer_scores", "indexer_scores_ref", "indexer_topk", "indexer_topk_ref",
     "hc_collapse", "hc_expand", "hc_head", "hc_weights",
     "chain_rejection", "chain_rejection_ref", "uniforms", "probs", "probs_ref", "sample", "sample_ref",
-    "experts", "experts_ref", "hash_route_ref", "score_route_ref", "swiglu_ref", "topk_lowest_index",
+    "experts", "experts_ref", "experts_sorted", "hash_route_ref", "score_route_ref", "swiglu_ref", "topk_lowest_index",
 ]

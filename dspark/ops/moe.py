@@ -83,5 +83,32 @@ def experts_ref(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, g
     return out.to(x.dtype)
 
 
+def experts_sorted(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, limit: float) -> torch.Tensor:
+    """`experts_ref`'s result with tokens grouped per expert: one matmul per expert that has tokens.
+
+    For training and long prefills, where gathering one weight matrix per (token, slot) costs far
+    more memory than the activations; it reads the group sizes back to the host, so it never runs
+    inside a sync-free step.
+    """
+    k, num_experts = indices.shape[1], gate_up.shape[0]
+    inter = gate_up.shape[1] // 2
+    flat = indices.flatten()  # [N·K]
+    order = torch.argsort(flat, stable=True)  # slots routed nowhere (−1) first, then expert 0, 1, ...
+    sizes = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # host read: group sizes
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
+    start = sizes[0]
+    for e in range(num_experts):
+        count = sizes[e + 1]
+        if count:
+            slots = order[start:start + count]
+            token = slots // k
+            h = x[token] @ gate_up[e].t()  # [count, 2I]
+            y = swiglu_ref(h[:, :inter], h[:, inter:], limit) @ down[e].t()  # [count, D]
+            out = out.index_add(0, token, y.float() * weights.flatten()[slots, None])
+        start += count
+    return out.to(x.dtype)
+
+
 # TODO(#7): sync-free permutation + grouped GEMM kernel; the reference serves every path now.
 experts = experts_ref
