@@ -2,50 +2,142 @@
 
 Layouts: N rows, V vocabulary.
 
-    logits       [N, V] fp32      raw logits (target rows or the draft's corrected logits)
+    logits       [N, V] fp32/fp16/bf16  raw logits (target rows or the draft's corrected logits)
     temperature  [N] fp32         0 = greedy: a one-hot at the argmax (lowest index on ties)
     top_k        [N] int64        0 = off; keeps every token tied with the k-th largest
     top_p        [N] fp32         1 = off; keeps the smallest top set whose mass reaches top_p,
                                   the crossing token and every token tied with it included
     probs        [N, V] fp32      the filtered, renormalised distribution
+    u            [N] fp32         uniforms in [0, 1) for `sample` / `sample_logits`
 
 Order: temperature, then top-k, then top-p on the top-k-renormalised distribution (HF's warper
 order). Both rules are tie-symmetric: token x survives top-k iff fewer than k tokens are strictly
 more likely, and top-p iff the mass of tokens strictly more likely than x is below top_p. The same
 function shapes target and draft rows, so acceptance, residual and bonus use one distribution.
+
+Determinism (why the reference is written the way it is). Every discrete outcome — the kept set, the
+sampled token — must be identical between `probs_ref` / `sample_ref` and the Triton kernels, on CPU
+and GPU, near-ties included. Floating-point `exp` and reductions cannot promise that: exp differs by
+an ulp between libraries (SLEEF, numpy, CUDA's ex2.approx), fp32 sums depend on the reduction order
+(torch's CPU cumsum even accumulates in fp64, its CUDA scan in fp32). So every quantity a decision
+reads is computed by one bit-reproducible recipe that the reference and the kernels share:
+
+- "More likely" is the order of the logits themselves (exact comparisons; −0.0 equals +0.0), not of
+  rounded fp32 probabilities, where distinct logits can round to one value.
+- Token weights are integers: W = ⌊2^z · 2^F⌋ with z = (l − max l) · (log2(e) / t) in fp32 (IEEE
+  subtract, multiply, correctly rounded division) and 2^z evaluated in Q30 fixed point with integer
+  arithmetic only (`exp2_fixed`, relative error < 5e-9; W of the max token is exactly 2^F).
+  F = 53 − bit_length(V) makes every sum of weights exact in int64 and in fp64.
+- Masses are integer sums (exact, so their order is irrelevant); the top-p cut compares an integer
+  mass with fp64(top_p) · fp64(S), one IEEE product.
+- probs = fp32(fp64(W) · (1 / fp64(S))) for kept tokens: the float output is bit-identical too.
+- `sample` quantises a probability row to integers relative to its maximum (exact power-of-two
+  scaling, ⌊p · 2^(F − e)⌋), takes integer prefix sums and returns the first token whose prefix
+  exceeds fp64(u) · fp64(total) — the same rule as an fp32 cumsum, but exact and order-free. Tokens
+  whose probability is below 2^-F of the row maximum are treated as massless (never drawn except by
+  the fallback); each token's mass is off by < 2^-F of the row maximum (≈ 1.5e-11 at V = 129k, far
+  below the 2^-24 grid of the uniforms), so the total variation is < V · 2^-F ≈ 2e-6 at worst.
+- Fallback (u·total rounds up to the total, or an all-zero row): the last token with probability > 0
+  (token 0 if none).
+
+Preconditions (not checked on device): logits contain no NaN / +inf and every row has a finite
+value (a row of −inf gives NaN probabilities, as softmax would); V < 2^23; probs rows handed to
+`sample` are non-negative and finite.
+
+Kernels: `_sampling_kernel` is one body for `probs` (FROM_LOGITS, WRITE_PROBS), `sample_logits`
+(FROM_LOGITS, SAMPLE) and `sample` (SAMPLE on a probability row); one program per row. The top-k and
+top-p thresholds are found without sorting: an NCAND-way search over the int32 order keys of the
+logits, each pass counting tokens (top-k) or summing integer weights (top-p) above NCAND candidate
+keys; it ends on the exact key of the k-th / crossing token, ties included. Passes over V per row:
+1 (max) + ≤9 (top-k) + 1 + ≤9 (top-p) + 1 + the write / sample passes.
+TODO(#7): a radix histogram (8 bits per pass) would cut the search to ≤4 passes each; measure first.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register,
+                                tl, triton, use_triton)
 
-def _keep_from(sorted_desc: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Threshold value at `index` [N] of each descending row → [N, 1]."""
-    return sorted_desc.gather(-1, index.unsqueeze(-1))
+_LOG2E = 1.4426950216293335  # fp32(log2 e), exactly representable
+_C_MAX = 2.0 ** 100  # caps log2(e)/t for tiny temperatures (avoids 0·inf)
+_Q = 30  # fraction bits of the fixed-point exponent
+# Taylor coefficients of 2^x on [0, 1) in Q30: round(ln2^k / k! · 2^30), k = 0..10 (k = 11 rounds to 0).
+_EXP2_COEFFS = (1073741824, 744261118, 257941248, 59597083, 10327387, 1431680, 165394, 16377, 1419, 109, 8)
+_KEY_NEG_INF = -2139095041  # order key of −inf
+_NCAND = 16  # candidate keys per search pass: ≤ 9 passes narrow 2^32 + 1 keys to one
+
+
+def fixed_bits(v: int) -> int:
+    """F such that V weights of at most 2^F sum below 2^53 (exact in int64 and fp64)."""
+    return 53 - int(v).bit_length()
+
+
+def exp2_fixed(z: torch.Tensor, f: int) -> torch.Tensor:
+    """⌊2^z · 2^f⌋ as int64 for fp32 z ≤ 0 (−inf allowed), by integer arithmetic only.
+
+    z is clamped to −64, scaled to Q30 (truncating toward zero), split into an integer part n ≤ 0 and a
+    fraction; 2^fraction comes from a Horner evaluation with floor shifts; the result is shifted by n.
+    The Triton kernels run the same steps, so the weights agree bit for bit on every device.
+    """
+    zi = (z.float().clamp(min=-64.0) * float(2 ** _Q)).long()  # [.., V] Q30, in [−2^36, 0]
+    n = zi >> _Q  # floor: [−64, 0]
+    fr = zi - (n << _Q)  # [0, 2^30)
+    acc = torch.full_like(fr, _EXP2_COEFFS[-1])
+    for coeff in reversed(_EXP2_COEFFS[:-1]):
+        acc = coeff + ((acc * fr) >> _Q)  # < 2^31 · 2^30: no overflow
+    rs = _Q - f - n  # right shift (> 0) or left shift (< 0)
+    return torch.where(rs >= 0, acc >> rs.clamp(0, 62), acc << (-rs).clamp(0, 62))
+
+
+def _weights(logits: torch.Tensor, m: torch.Tensor, c: torch.Tensor, f: int) -> torch.Tensor:
+    """Integer token weights W = ⌊2^((l − m)·c) · 2^f⌋ → [N, V] int64 (−inf logits weigh 0)."""
+    d = torch.where(logits > -torch.inf, logits - m, -torch.inf)
+    return exp2_fixed(d * c, f)
+
+
+def _pow2_scale(pmax: torch.Tensor, f: int) -> torch.Tensor:
+    """2^(f − e) in fp64 where 2^(e−1) ≤ pmax < 2^e, read from the exponent bits (subnormals: e = −125)."""
+    exponent = (pmax.float().contiguous().view(torch.int32) >> 23) & 0xFF
+    k = f + 126 - exponent.clamp(min=1)
+    return ((k.long() + 1023) << 52).view(torch.float64)
+
+
+def quantize_probs(probs: torch.Tensor, f: int) -> torch.Tensor:
+    """⌊p · 2^(f − e)⌋ per row → int64, each ≤ 2^f (2^e bounds the row max): sums exact for V < 2^(53−f)."""
+    p = probs.float()
+    scale = _pow2_scale(p.max(-1, keepdim=True).values, f)
+    return (p.double() * scale).long()
 
 
 def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
               top_p: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     v = logits.shape[-1]
+    f = fixed_bits(v)
     greedy = temperature <= 0
-    t = torch.where(greedy, 1.0, temperature).unsqueeze(-1)
-    p = torch.softmax(logits / t, dim=-1)  # [N, V]
+    t = torch.where(greedy, 1.0, temperature.float())
+    c = (torch.full_like(t, _LOG2E) / t).clamp(max=_C_MAX)  # [N] log2(e)/t, IEEE division
+    m = logits.max(-1, keepdim=True).values  # [N, 1]
+    w = _weights(logits, m, c.unsqueeze(-1), f)  # [N, V] int64, W(max) = 2^F
 
-    # top-k: keep p ≥ the k-th largest probability.
-    sorted_p = p.sort(dim=-1, descending=True).values
+    # top-k: keep l ≥ the k-th largest logit (its ties too).
+    sorted_l, order = logits.sort(dim=-1, descending=True, stable=True)
     k = torch.where(top_k > 0, top_k.clamp(max=v), v) - 1
-    p = torch.where(p >= _keep_from(sorted_p, k), p, 0.0)
-    p = p / p.sum(-1, keepdim=True)
+    keep = logits >= sorted_l.gather(-1, k.unsqueeze(-1))
+    w = torch.where(keep, w, 0)
 
-    # top-p: the crossing token c is the first whose inclusive cumulative mass reaches top_p; keep p ≥ p_c.
-    sorted_p = p.sort(dim=-1, descending=True).values
-    reached = sorted_p.cumsum(-1) >= top_p.unsqueeze(-1)
-    c = torch.where(reached.any(-1) & (top_p < 1), reached.float().argmax(-1), v - 1)
-    p = torch.where(p >= _keep_from(sorted_p, c), p, 0.0)
-    p = p / p.sum(-1, keepdim=True)
+    # top-p: the crossing token c is the first (in logit order) whose inclusive mass reaches top_p·S;
+    # keep l ≥ l_c. Integer prefix sums are exact; top_p·S is one fp64 product.
+    cum = w.gather(-1, order).cumsum(-1)  # [N, V] int64
+    reached = cum.double() >= (top_p.float().double() * cum[:, -1].double()).unsqueeze(-1)
+    cross = torch.where(reached.any(-1) & (top_p < 1), reached.long().argmax(-1), v - 1)
+    keep = keep & (logits >= sorted_l.gather(-1, cross.unsqueeze(-1)))
+    w = torch.where(keep, w, 0)
 
+    inv = 1.0 / w.sum(-1, keepdim=True).double()  # [N, 1] fp64
+    p = torch.where(keep, (w.double() * inv).float(), 0.0)
     # scatter, not F.one_hot: one_hot validates its input on the host (a sync).
     onehot = torch.zeros_like(p).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy.unsqueeze(-1), onehot, p)
@@ -55,14 +147,22 @@ def sample_ref(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: the first token whose cumulative mass exceeds u·total → [N] int64.
 
     With u on a stratified grid the induced distribution is exactly `probs` up to grid resolution;
-    a token of zero probability is never returned.
+    a token of zero probability is never returned. Masses are the integers of `quantize_probs`.
     """
-    cdf = probs.float().cumsum(-1)
-    target = u.float().unsqueeze(-1) * cdf[..., -1:]
-    idx = (cdf > target).float().argmax(-1)
-    # u·total can round up to the total: fall back to the last token with mass.
-    last = (probs > 0).float().cumsum(-1).argmax(-1)
-    return torch.where((cdf > target).any(-1), idx, last)
+    w = quantize_probs(probs, fixed_bits(probs.shape[-1]))
+    cdf = w.cumsum(-1)  # exact
+    target = u.float().double().unsqueeze(-1) * cdf[..., -1:].double()
+    hit = cdf.double() > target
+    idx = hit.long().argmax(-1)
+    # u·total can reach the total (u = 1, or an all-zero row): fall back to the last token with mass.
+    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.where(hit.any(-1), idx, last)
+
+
+def sample_logits_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      u: torch.Tensor) -> torch.Tensor:
+    """`sample_ref(probs_ref(...), u)`: the fused kernel never writes the [N, V] probabilities."""
+    return sample_ref(probs_ref(logits, temperature, top_k, top_p), u)
 
 
 def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
@@ -70,6 +170,294 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-# TODO(#7): fused filter + sample kernel with a threshold search instead of a sort.
-probs = probs_ref
-sample = sample_ref
+# ----------------------------------------------------------------------------------------------------
+# Triton: shared @jit helpers (also used by ops/rejection.py), then the kernel.
+
+
+@triton.jit
+def _canon_key(x):
+    """fp32 → (value with −0.0 made +0.0, int32 order key): key order equals float order (no NaN)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    return x, b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _exp2_fixed(z, F: tl.constexpr):
+    """`exp2_fixed` step for step (Q30 Horner with floor shifts; coefficients = _EXP2_COEFFS)."""
+    zi = (tl.maximum(z, -64.0) * 1073741824.0).to(tl.int64)
+    n = zi >> 30
+    fr = zi - (n << 30)
+    acc = 109 + ((fr * 8) >> 30)
+    acc = 1419 + ((acc * fr) >> 30)
+    acc = 16377 + ((acc * fr) >> 30)
+    acc = 165394 + ((acc * fr) >> 30)
+    acc = 1431680 + ((acc * fr) >> 30)
+    acc = 10327387 + ((acc * fr) >> 30)
+    acc = 59597083 + ((acc * fr) >> 30)
+    acc = 257941248 + ((acc * fr) >> 30)
+    acc = 744261118 + ((acc * fr) >> 30)
+    acc = 1073741824 + ((acc * fr) >> 30)
+    rs = 30 - F - n
+    return tl.where(rs >= 0, acc >> tl.minimum(tl.maximum(rs, 0), 62), acc << tl.minimum(tl.maximum(-rs, 0), 62))
+
+
+@triton.jit
+def _weights_tl(x, m, c, F: tl.constexpr):
+    """Integer weights of canonical fp32 logits x given the row max m and c = log2(e)/t."""
+    d = tl.where(x > -float("inf"), x - m, -float("inf"))
+    return _exp2_fixed(d * c, F)
+
+
+@triton.jit
+def _probs_tl(x, tok, m, c, thr, inv, arg, greedy, F: tl.constexpr):
+    """Filtered probabilities of raw logits x at token ids tok, given the row's statistics."""
+    x, key = _canon_key(x)
+    p = tl.where(key >= thr, (_weights_tl(x, m, c, F).to(tl.float64) * inv).to(tl.float32), 0.0)
+    return tl.where(greedy, tl.where(tok == arg, 1.0, 0.0), p)
+
+
+@triton.jit
+def _pow2_scale_tl(pmax, F: tl.constexpr):
+    """`_pow2_scale`: 2^(F − e) in fp64 from the exponent bits of pmax ≥ 0."""
+    exponent = (pmax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = F + 126 - tl.maximum(exponent, 1)
+    return ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _key_search(row_ptr, V, m, c, k, ps, kth, lo, hi, F: tl.constexpr, BLOCK_V: tl.constexpr,
+                NCAND: tl.constexpr, MASS: tl.constexpr):
+    """Smallest key κ in (lo, hi] whose monotone predicate holds (lo fails, hi holds):
+    MASS=False: #{key ≥ κ} < k;  MASS=True: Σ W over kept tokens (key ≥ kth) with key > κ is < ps, or κ = hi.
+    Each pass evaluates NCAND evenly spaced candidates and keeps the sub-interval of the first that holds."""
+    b = tl.arange(0, NCAND).to(tl.int64) + 1
+    while hi - lo > 1:
+        step = (hi - lo + NCAND - 1) // NCAND
+        cand = tl.minimum(lo + b * step, hi)  # [NCAND], increasing, last = hi
+        acc = tl.zeros([NCAND], dtype=tl.int64)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inside = offs < V
+            x, key = _canon_key(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+            key = key.to(tl.int64)
+            if MASS:
+                w = tl.where(inside & (key >= kth), _weights_tl(x, m, c, F), 0)
+                acc += tl.sum(tl.where(key[:, None] > cand[None, :], w[:, None], 0), axis=0)
+            else:
+                acc += tl.sum(((key[:, None] >= cand[None, :]) & inside[:, None]).to(tl.int64), axis=0)
+        if MASS:
+            ok = (acc.to(tl.float64) < ps) | (cand >= hi)
+        else:
+            ok = acc < k
+        new_hi = tl.min(tl.where(ok, cand, hi), axis=0)
+        lo = tl.max(tl.where(ok, lo, cand), axis=0)
+        hi = new_hi
+    return hi
+
+
+@triton.jit
+def _kept_mass(row_ptr, V, m, c, thr, F: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Σ W over tokens with key ≥ thr → int64 (exact)."""
+    acc = tl.zeros([BLOCK_V], dtype=tl.int64)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        inside = offs < V
+        x, key = _canon_key(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+        acc += tl.where(inside & (key >= thr), _weights_tl(x, m, c, F), 0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
+    """One row's filter → (m, c, thr, inv, arg): the max logit, log2(e)/t, the threshold key (keep key ≥ thr),
+    1 / Σ kept W in fp64, and the lowest argmax (used by greedy rows, t ≤ 0, which skip the rest)."""
+    best = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_V], dtype=tl.int32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x, _ = _canon_key(tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32))
+        better = x > best  # strict: the earliest index of a lane's maximum stays
+        best = tl.where(better, x, best)
+        best_i = tl.where(better, offs, best_i)
+    m = tl.max(best, axis=0)
+    arg = tl.min(tl.where(best == m, best_i, V), axis=0)
+    _, m_key = _canon_key(m)
+    m_key = m_key.to(tl.int64)
+
+    greedy = t <= 0.0
+    c = tl.minimum(tl.math.div_rn(tl.full([], 1.4426950216293335, tl.float32), tl.where(greedy, 1.0, t)),
+                   1.2676506002282294e30)
+    thr = tl.full([], -2139095041, tl.int64)  # key(−inf): keep everything
+    inv = tl.full([], 1.0, tl.float64)
+    if t > 0.0:
+        if (k > 0) & (k < V):
+            thr = _key_search(row_ptr, V, m, c, k, 0.0, thr, thr - 1, m_key + 1, F, BLOCK_V, NCAND, False) - 1
+        s = _kept_mass(row_ptr, V, m, c, thr, F, BLOCK_V)
+        if top_p < 1.0:
+            ps = top_p.to(tl.float64) * s.to(tl.float64)
+            thr = _key_search(row_ptr, V, m, c, k, ps, thr, thr - 1, m_key, F, BLOCK_V, NCAND, True)
+            s = _kept_mass(row_ptr, V, m, c, thr, F, BLOCK_V)
+        inv = 1.0 / s.to(tl.float64)
+    return m, c, thr, inv, arg
+
+
+@triton.jit
+def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, stride_k, top_p_ptr, stride_p,
+                     u_ptr, stride_u, probs_ptr, tokens_ptr, V, F: tl.constexpr, BLOCK_V: tl.constexpr,
+                     NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, WRITE_PROBS: tl.constexpr,
+                     SAMPLE: tl.constexpr):
+    """One row per program. FROM_LOGITS: src is logits, filter it (and WRITE_PROBS and / or SAMPLE);
+    else src is a probability row to SAMPLE from."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = src_ptr + row * stride_src
+    lanes = tl.arange(0, BLOCK_V)
+    if FROM_LOGITS:
+        t = tl.load(temperature_ptr + row * stride_t)
+        k = tl.load(top_k_ptr + row * stride_k).to(tl.int64)
+        top_p = tl.load(top_p_ptr + row * stride_p)
+        m, c, thr, inv, arg = _row_stats(row_ptr, V, t, k, top_p, F, BLOCK_V, NCAND)
+        greedy = t <= 0.0
+        # W(max token) = 2^F exactly, so the row maximum of probs is known without a pass.
+        pmax = tl.where(greedy, 1.0, (inv * (2.0 ** F)).to(tl.float32))
+    else:
+        pmax_v = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + lanes
+            pmax_v = tl.maximum(pmax_v, tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32))
+        pmax = tl.max(pmax_v, axis=0)
+
+    if SAMPLE:
+        scale = _pow2_scale_tl(pmax, F)
+        total_v = tl.zeros([BLOCK_V], dtype=tl.int64)
+        last_v = tl.full([BLOCK_V], -1, tl.int32)
+    for start in range(0, V, BLOCK_V):  # write and / or measure pass
+        offs = start + lanes
+        inside = offs < V
+        if FROM_LOGITS:
+            p = _probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv, arg,
+                          greedy, F)
+        else:
+            p = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        if WRITE_PROBS:
+            tl.store(probs_ptr + row * V + offs, p, mask=inside)
+        if SAMPLE:
+            total_v += tl.where(inside, (p.to(tl.float64) * scale).to(tl.int64), 0)
+            last_v = tl.maximum(last_v, tl.where(inside & (p > 0.0), offs, -1))
+
+    if SAMPLE:
+        u = tl.load(u_ptr + row * stride_u)
+        theta = u.to(tl.float64) * tl.sum(total_v, axis=0).to(tl.float64)
+        carry = tl.zeros([], dtype=tl.int64)
+        found = tl.full([], V, tl.int32)
+        for start in range(0, V, BLOCK_V):  # inverse-CDF pass: first prefix sum > θ
+            offs = start + lanes
+            inside = offs < V
+            if FROM_LOGITS:
+                p = _probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv,
+                              arg, greedy, F)
+            else:
+                p = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            w = tl.where(inside, (p.to(tl.float64) * scale).to(tl.int64), 0)
+            cdf = carry + tl.cumsum(w, axis=0)
+            found = tl.minimum(found, tl.min(tl.where(inside & (cdf.to(tl.float64) > theta), offs, V), axis=0))
+            carry += tl.sum(w, axis=0)
+        last = tl.max(last_v, axis=0)
+        token = tl.where(found < V, found, tl.maximum(last, 0))
+        tl.store(tokens_ptr + row, token.to(tl.int64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers and registrations.
+
+
+def _block_v(v: int) -> int:
+    # 256 lanes × NCAND=16 int64 candidates per search tile keeps the [BLOCK_V, NCAND] tile at 32 int64
+    # registers per thread with 4 warps; untuned (no GPU measurement yet).
+    return min(256, next_pow2(v))
+
+
+def _check_filter_args(logits, temperature, top_k, top_p):
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, unit_last=True)
+    n, v = logits.shape
+    check(1 <= v < 2 ** 23, f"vocabulary size {v} outside [1, 2^23)")
+    dev = logits.device
+    check_tensor("temperature", temperature, shape=(n,), dtypes=(torch.float32,), device=dev)
+    check_tensor("top_k", top_k, shape=(n,), dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("top_p", top_p, shape=(n,), dtypes=(torch.float32,), device=dev)
+
+
+def _launch_sampling(src, temperature, top_k, top_p, u, probs_out, tokens_out, *, from_logits, write_probs, sample):
+    n, v = int(src.shape[0]), int(src.shape[1])
+    dummy = tokens_out if tokens_out is not None else probs_out
+    launch(_sampling_kernel, (n,),
+           src, src.stride(0),
+           temperature if temperature is not None else src, temperature.stride(0) if temperature is not None else 0,
+           top_k if top_k is not None else src, top_k.stride(0) if top_k is not None else 0,
+           top_p if top_p is not None else src, top_p.stride(0) if top_p is not None else 0,
+           u if u is not None else src, u.stride(0) if u is not None else 0,
+           probs_out if probs_out is not None else dummy, tokens_out if tokens_out is not None else dummy,
+           v, F=fixed_bits(v), BLOCK_V=_block_v(v), NCAND=_NCAND,
+           FROM_LOGITS=from_logits, WRITE_PROBS=write_probs, SAMPLE=sample)
+
+
+@register("probs")
+def _probs_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] (fp32/fp16/bf16, unit last stride), temperature [N] fp32, top_k [N] int, top_p [N] fp32
+    → probs [N, V] fp32. Meaning: `probs_ref`."""
+    _check_filter_args(logits, temperature, top_k, top_p)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _launch_sampling(logits, temperature, top_k, top_p, None, out, None, from_logits=True, write_probs=True,
+                     sample=False)
+    return out
+
+
+@register("sample_logits")
+def _sample_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                          u: torch.Tensor) -> torch.Tensor:
+    """As `_probs_triton` plus u [N] fp32 → tokens [N] int64. Meaning: `sample_logits_ref`."""
+    _check_filter_args(logits, temperature, top_k, top_p)
+    check_tensor("u", u, shape=(logits.shape[0],), dtypes=(torch.float32,), device=logits.device)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    _launch_sampling(logits, temperature, top_k, top_p, u, None, out, from_logits=True, write_probs=False,
+                     sample=True)
+    return out
+
+
+@register("sample")
+def _sample_triton(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [N, V] (float, unit last stride, non-negative), u [N] fp32 → tokens [N] int64. Meaning: `sample_ref`."""
+    check_tensor("probs", probs, ndim=2, dtypes=FLOAT_DTYPES, unit_last=True)
+    check(1 <= probs.shape[1] < 2 ** 23, f"vocabulary size {probs.shape[1]} outside [1, 2^23)")
+    check_tensor("u", u, shape=(probs.shape[0],), dtypes=(torch.float32,), device=probs.device)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    _launch_sampling(probs, None, None, None, u, None, out, from_logits=False, write_probs=False, sample=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+
+
+def probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
+          impl: str = "auto") -> torch.Tensor:
+    """Filtered sampling distribution [N, V] fp32; see `probs_ref`."""
+    if use_triton(impl, logits, temperature, top_k, top_p):
+        return _probs_triton(logits, temperature, top_k, top_p)
+    return probs_ref(logits, temperature, top_k, top_p)
+
+
+def sample(probs: torch.Tensor, u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Inverse-CDF token per row [N] int64; see `sample_ref`."""
+    if use_triton(impl, probs, u):
+        return _sample_triton(probs, u)
+    return sample_ref(probs, u)
+
+
+def sample_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """`sample(probs(...), u)` in one pass set, without writing the probabilities; see `sample_logits_ref`."""
+    if use_triton(impl, logits, temperature, top_k, top_p, u):
+        return _sample_logits_triton(logits, temperature, top_k, top_p, u)
+    return sample_logits_ref(logits, temperature, top_k, top_p, u)
