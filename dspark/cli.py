@@ -216,6 +216,25 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_train_nano(args) -> int:
+    from dspark.train.nano import NanoRecipe, export, run
+
+    recipe = NanoRecipe.smoke() if args.smoke else NanoRecipe.full()
+    if args.threads:
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, threads=args.threads)
+    hashes = run(recipe, args.out, progress=not args.no_progress, stop_target_after=args.stop_after)
+    if "stopped_at" in hashes:
+        print(f"stopped after target step {hashes['stopped_at']}; run again to resume", file=sys.stderr)
+        return 0
+    for name, digest in hashes.items():
+        print(f"{name:10s} {digest}")
+    if args.export:
+        print(f"exported to {export(args.out, args.export)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dspark", description="Lossless speculative decoding for DeepSeek-V4-class models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -296,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
     t.set_defaults(func=cmd_train_draft)
+
+    n = sub.add_parser(
+        "train-nano", help="train the embedded default model from text on this machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run (or resume) the nano recipe: corpus (stdlib code + manual pages / docs), BPE\n"
+                    "tokenizer, a small V4 target with its MTP module, then DSpark, DFlash, DFlash+L1 and\n"
+                    "V4-layout DSpark drafts with equal budgets and calibrated confidence heads. Every\n"
+                    "stage resumes from OUT; the final weights hashes are printed (they repeat for the\n"
+                    "same seed and thread count).",
+        epilog="examples:\n  dspark train-nano --smoke --out /tmp/nano-smoke\n"
+               "  dspark train-nano --out runs/nano --export dspark/assets/nano")
+    n.add_argument("--out", required=True, metavar="DIR", help="run directory (resumed when it exists)")
+    n.add_argument("--smoke", action="store_true", help="every stage at toy size (about a minute)")
+    n.add_argument("--export", metavar="DIR", help="after a finished run, write the shippable model here")
+    n.add_argument("--stop-after", type=int, metavar="STEPS", help="stop pretraining after STEPS steps of this call")
+    n.add_argument("--threads", type=int, default=0, metavar="N", help="override the recipe's thread count")
+    n.add_argument("--no-progress", action="store_true", help="no progress bars")
+    n.set_defaults(func=cmd_train_nano)
     return parser
 
 
