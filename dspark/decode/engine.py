@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark.config import SamplingParams
+from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
 from dspark.decode.drafter import Drafter
 from dspark.decode.mtp import MTPDrafter
@@ -63,7 +64,7 @@ class Engine:
                  num_draft_tokens: int | None = None, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, memory_budget: int | None = None, page_size: int | None = None,
                  token_bucket: int = 1, max_stop_tokens: int = 8, record_proposals: bool = False,
-                 scheduler: str = "fixed", threshold: float = 0.0, sps=None):
+                 scheduler: str = "fixed", threshold: float = 0.0, sps=None, adapt: bool = False):
         if drafter is None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or a drafter object")
         if max_batch < 1 or prefill_chunk < 1 or token_bucket < 1:
@@ -94,6 +95,8 @@ class Engine:
         self.num_draft_tokens = gamma
         self.slots = SlotState.allocate(max_batch, max_stop_tokens, self.device)
         self._schedule, self._capacities = self._scheduler(scheduler, threshold, sps), []
+        # Online confidence correction from observed acceptances (only meaningful with a confidence head).
+        self.tracker = AcceptanceTracker(max_batch, max(gamma, 1), device=self.device) if adapt else None
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
@@ -163,6 +166,8 @@ class Engine:
             self._waiting.popleft()
             req.slot = slot
             self.slots.assign(slot, req.params, req.seed, req.params.stop_token_ids)
+            if self.tracker is not None:
+                self.tracker.reset(slot, req.params.temperature)
             self.drafter.admit(slot, req.prompt)
             self._running[req.rid] = req
 
@@ -267,7 +272,8 @@ class Engine:
             k = self._capacities[-2] if len(self._capacities) >= 2 else rows - len(reqs)
             self._k = torch.tensor(k, device=dev)
             rows = min(rows, len(reqs) + k)
-        plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=self._pad(rows), schedule=self._schedule)
+        plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=self._pad(rows), schedule=self._schedule,
+                         tracker=self.tracker)
         res = decode_round(self.target, self.cache, self.drafter, self.slots, plan)
         # Host read (the round's only sync): what to stream, and the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from dspark import ops
+from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
 from dspark.decode.drafter import Drafter, Proposal
 from dspark.model.batch import Batch
@@ -40,6 +41,7 @@ class RoundPlan:
     bucket: int  # static number of flat verify rows, ≥ Σ over decoding slots of (ℓ + 1)
     schedule: Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
     # (confidence [R, γ] | None, room, decoding) → verify lengths ℓ [R], device-side
+    tracker: AcceptanceTracker | None = None  # online correction of confidences from past rounds
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     active = slots.decoding
     u = ops.uniforms(slots.seed, slots.offset, 2 * gamma + 1)  # draft | accept | sample
     proposal: Proposal = drafter.propose(slots, u[:, :gamma])
-    lengths = torch.minimum(plan.schedule(proposal.confidence, plan.room, active), plan.room)
+    confidence = proposal.confidence
+    if plan.tracker is not None and confidence is not None:
+        confidence = plan.tracker.correct(confidence)
+    lengths = torch.minimum(plan.schedule(confidence, plan.room, active), plan.room)
     layout = verify_layout(plan.committed, lengths, active, plan.bucket, cache.dummy_slot)
     seq = torch.cat([slots.anchor.unsqueeze(-1), proposal.tokens], dim=1)  # [R, γ+1]
     batch = layout.batch
@@ -121,6 +126,8 @@ def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     accepted, emitted, num, stopped = ops.chain_rejection(
         out.logits, layout.start, layout.verify_len, proposal.logits, proposal.tokens, *slots.sampling(),
         slots.stop_tokens, u[:, gamma:2 * gamma], u[:, 2 * gamma])
+    if plan.tracker is not None and proposal.confidence is not None:
+        plan.tracker.update(proposal.confidence, layout.verify_len, accepted, active, slots.temperature)
     nxt = emitted.gather(1, accepted.unsqueeze(-1)).squeeze(-1)  # correction / bonus (−1 after a draft stop)
     slots.anchor.copy_(torch.where(active & (nxt >= 0), nxt, slots.anchor))
     slots.offset.add_(active.long() * (2 * gamma + 1))
