@@ -216,6 +216,22 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_sps(args) -> int:
+    from dspark.decode.sps import cached_profile, default_buckets
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = _load_target_for_training(args)
+    buckets = sorted({int(b) for b in args.buckets.split(",")}) if args.buckets else default_buckets(args.max_tokens)
+    if not buckets or buckets[0] < 1:
+        raise ValueError("--buckets must be positive token counts")
+    profile = cached_profile(target, buckets, requests=args.requests, context=args.context, refresh=args.refresh)
+    print(f"{'tokens B':>8} {'ms/step':>9} {'steps/s':>9} {'tokens/s':>10}")
+    for b, sps in sorted(profile.items()):
+        print(f"{b:>8} {1000 / sps:>9.2f} {sps:>9.1f} {b * sps:>10.1f}")
+    return 0
+
+
 def cmd_train_nano(args) -> int:
     from dspark.train.nano import NanoRecipe, export, run
 
@@ -333,6 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--threads", type=int, default=0, metavar="N", help="override the recipe's thread count")
     n.add_argument("--no-progress", action="store_true", help="no progress bars")
     n.set_defaults(func=cmd_train_nano)
+
+    p = sub.add_parser(
+        "sps", help="profile verify steps per second per batch size (the schedulers' SPS(B))",
+        description="Time the target's verify forward with B tokens in flight (R requests with a committed\n"
+                    "context) and print SPS(B). Results are cached per model, device and thread count under\n"
+                    "~/.cache/dspark ($DSPARK_CACHE); the hardware / async schedulers use them (sps='auto').",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="tiny", metavar="PATH|PRESET", help="checkpoint directory or preset (default: tiny)")
+    p.add_argument("--buckets", metavar="B1,B2,...", help="token counts to time (default: 1, 2, 3, 4, 6, 8, ...)")
+    p.add_argument("--max-tokens", type=int, default=64, help="largest default bucket (default: 64)")
+    p.add_argument("--requests", type=int, default=8, help="requests sharing the tokens (default: 8)")
+    p.add_argument("--context", type=int, default=64, help="committed tokens per request (default: 64)")
+    p.add_argument("--refresh", action="store_true", help="ignore the cache and measure again")
+    p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_sps)
     return parser
 
 

@@ -77,6 +77,10 @@ class Engine:
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
         gamma = drafter.num_draft_tokens if drafter is not None else (
             DEFAULT_DRAFT_TOKENS[method] if num_draft_tokens is None else num_draft_tokens)
+        if drafter is not None and num_draft_tokens is not None and num_draft_tokens > gamma:
+            raise ValueError(f"num_draft_tokens {num_draft_tokens} is larger than the drafter's block ({gamma})")
+        # A drafter always drafts its full block; at most `max_verify` of it is verified per round.
+        self.max_verify = gamma if num_draft_tokens is None or drafter is None else num_draft_tokens
         if method == "ar" and drafter is None and gamma != 0:
             raise ValueError("method 'ar' drafts nothing: num_draft_tokens must be 0 or None")
         if gamma < 0:
@@ -197,9 +201,17 @@ class Engine:
                 raise ValueError(f"threshold must be in [0, 1], got {threshold}")
             rule = schedulers.threshold_slot if name == "threshold-slot" else schedulers.threshold_survival
             return lambda conf, room, active: rule(self._need_confidence(conf), room, threshold)
-        if sps is None or len(sps) < 2:
-            raise ValueError(f"scheduler {name!r} needs an SPS table (steps/s per verify batch size), got {sps!r}")
+        if isinstance(sps, str) and sps == "auto":  # profile this engine's own verify step (cached)
+            from dspark.decode.sps import cached_profile, default_buckets, table
+
+            top = self.max_batch * (self.num_draft_tokens + 1)
+            sps = table(cached_profile(self.target, default_buckets(top), requests=self.max_batch), top)
+        if sps is None or isinstance(sps, str) or len(sps) < 2:
+            raise ValueError(f"scheduler {name!r} needs an SPS table (steps/s per verify batch size) or 'auto', "
+                             f"got {sps!r}")
         self.sps = torch.as_tensor(sps, dtype=torch.float32, device=self.device)
+        if not torch.isfinite(self.sps).all() or (self.sps[1:] <= 0).any():
+            raise ValueError("the SPS table must hold positive, finite steps/s for every batch size >= 1")
         if name == "hardware":
             return lambda conf, room, active: schedulers.hardware(self._need_confidence(conf), room, active, self.sps)
         return lambda conf, room, active: schedulers.async_topk(self._need_confidence(conf), room, self._k)
@@ -264,7 +276,7 @@ class Engine:
         for r in reqs:
             decoding[r.slot] = True
             committed[r.slot] = r.committed
-            room[r.slot] = min(gamma, r.params.max_tokens - len(r.output) - 1)
+            room[r.slot] = min(self.max_verify, r.params.max_tokens - len(r.output) - 1)
         self.slots.decoding.copy_(decoding)
         rows = sum(int(room[r.slot]) + 1 for r in reqs)
         if self.scheduler == "async":
