@@ -11,7 +11,7 @@ import torch
 
 from dspark.config import SamplingParams
 from dspark.decode.engine import METHODS
-from dspark.llm import DTYPES, LLM, Completion
+from dspark.llm import DRAFT_METHODS, DTYPES, LLM, Completion, default_model
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -101,8 +101,8 @@ def cmd_generate(args) -> int:
     if args.model is not None and not Path(args.model).is_dir():
         raise ValueError(f"--model: no checkpoint directory at {args.model}")
     # A random preset says so on stderr itself, before anything is generated.
-    llm = LLM(args.model or args.preset or "tiny", method=args.method, num_draft_tokens=args.num_draft_tokens,
-              dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8))
+    llm = LLM(args.model or args.preset or default_model(), method=args.method, num_draft_tokens=args.num_draft_tokens,
+              dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler)
     updates = llm.updates(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=args.stop)
     streaming = len(prompts) == 1
@@ -258,22 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from prompts", epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate text from one or more prompts (several prompts run batched together).\n"
-                    "Without --model a preset with RANDOM weights is used (no trained default model\n"
-                    "ships yet), so the output is noise that only shows the stack runs.")
+                    "Without --model the embedded nano model is used when the package ships it; otherwise\n"
+                    "a preset with RANDOM weights, whose output is noise that only shows the stack runs.")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH",
                         help="checkpoint directory: config.json, safetensors (HF or upstream names, sharded "
                              "FP8/FP4 accepted) and tokenizer.json")
     source.add_argument("--preset", metavar="NAME",
-                        help="random-weight model preset used without --model, e.g. tiny or flash-proxy "
-                             "(default: tiny)")
+                        help="nano (the embedded trained model, when shipped) or a random-weight preset such as "
+                             "tiny or flash-proxy (default: nano if shipped, else tiny)")
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help=f"prompt text; repeat for several prompts (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--prompt-file", action="append", metavar="FILE",
                    help="read one prompt from FILE ('-' for stdin); repeatable, combines with --prompt")
-    g.add_argument("--method", choices=METHODS, default="ar",
+    g.add_argument("--method", choices=METHODS + DRAFT_METHODS, default="ar",
                    help="decoding method: ar (plain autoregressive), mtp (the model's MTP module drafts), "
-                        "ngram (prompt lookup); every method gives the same output distribution (default: ar)")
+                        "ngram (prompt lookup), dspark / dflash / dflash-l1 / dspark-v4 (a trained draft shipped "
+                        "next to the model); every method gives the same output distribution (default: ar)")
+    g.add_argument("--scheduler", choices=["fixed", "threshold-slot", "threshold-survival", "hardware", "async"],
+                   default="fixed", help="how many drafted tokens each round verifies (confidence-based ones need "
+                                         "a dspark draft; hardware / async profile SPS first) (default: fixed)")
     g.add_argument("--num-draft-tokens", type=int, metavar="K",
                    help="tokens drafted per round (default: the method's own; ar drafts none)")
     g.add_argument("--max-tokens", type=int, default=64, metavar="N",

@@ -22,6 +22,26 @@ from dspark.model import DeepseekV4
 from dspark.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer, byte_tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The embedded default model (trained by `dspark train-nano`, exported here); absent in a checkout
+# that has not shipped it yet.
+PACKAGED = {"nano": Path(__file__).parent / "assets" / "nano"}
+# Methods that need a trained draft next to the target (`<bundle>/drafts/<method>`).
+DRAFT_METHODS = ("dspark", "dflash", "dflash-l1", "dspark-v4")
+
+
+def default_model() -> str:
+    """'nano' when its weights ship with the package, else the random 'tiny' preset."""
+    return "nano" if (PACKAGED["nano"] / "target" / "config.json").exists() else "tiny"
+
+
+def _model_dirs(path_or_preset) -> tuple[Path, Path | None] | None:
+    """(target dir, drafts dir) of a packaged name or a directory; None for a preset name."""
+    root = PACKAGED.get(str(path_or_preset), Path(path_or_preset))
+    if (root / "target" / "config.json").exists():  # an exported bundle: target/ + drafts/
+        return root / "target", root / "drafts"
+    if root.is_dir():
+        return root, root / "drafts" if (root / "drafts").is_dir() else None
+    return None
 
 
 @dataclass
@@ -106,25 +126,33 @@ class LLM:
     is then True): its output is noise, useful only to see the stack run.
     """
 
-    def __init__(self, path_or_preset: str | Path = "tiny", method: str = "ar", num_draft_tokens: int | None = None,
-                 dtype: str = "fp32", device: str = "cpu", max_batch: int = 8, max_seq_len: int | None = None,
-                 seed: int = 0):
+    def __init__(self, path_or_preset: str | Path | None = None, method: str = "ar",
+                 num_draft_tokens: int | None = None, dtype: str = "fp32", device: str = "cpu", max_batch: int = 8,
+                 max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed"):
         # Arguments are checked before a checkpoint that may take minutes is loaded.
+        path_or_preset = default_model() if path_or_preset is None else path_or_preset
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if method not in METHODS + DRAFT_METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS + DRAFT_METHODS}")
         try:
             kind = torch.device(device).type
         except RuntimeError as e:
             raise ValueError(f"bad device {device!r}: {e}") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-        if Path(path_or_preset).is_dir():
-            self.target = DeepseekV4.from_pretrained(path_or_preset, dtype=DTYPES[dtype], device=device)
-            self.tokenizer = load_tokenizer(path_or_preset)
+        dirs = _model_dirs(path_or_preset)
+        drafter = None
+        if dirs is not None:
+            model_dir, drafts_dir = dirs
+            self.target = DeepseekV4.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
+            self.tokenizer = load_tokenizer(model_dir)
             self.random_weights = False
+            if method in DRAFT_METHODS:
+                drafter = self._drafter(drafts_dir, method, max_batch, max_seq_len, dtype, device)
         else:
+            if method in DRAFT_METHODS:
+                raise ValueError(f"method {method!r} needs a trained draft; {str(path_or_preset)!r} is a random preset")
             try:
                 config = ModelConfig.preset(str(path_or_preset))
             except ValueError as e:
@@ -138,10 +166,29 @@ class LLM:
         if self.tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {vocab}")
         self.eos_token_ids = tuple(dict.fromkeys(self.target.config.eos_token_ids + self.tokenizer.eos_token_ids))
-        self.engine = Engine(self.target, method=method, num_draft_tokens=num_draft_tokens, max_batch=max_batch,
-                             max_seq_len=max_seq_len)
+        self.engine = Engine(self.target, method="ar" if drafter is not None else method, drafter=drafter,
+                             num_draft_tokens=num_draft_tokens, max_batch=max_batch, max_seq_len=max_seq_len,
+                             scheduler=scheduler, sps="auto" if scheduler in ("hardware", "async") else None)
         self.method = method
         self._busy = False
+
+    def _drafter(self, drafts_dir: Path | None, method: str, max_batch: int, max_seq_len: int | None, dtype: str,
+                 device: str):
+        from dspark.decode.dspark import DSparkDrafter
+
+        path = None if drafts_dir is None else drafts_dir / method
+        if path is None or not (path / "config.json").exists():
+            raise ValueError(f"no trained {method!r} draft next to the model (looked for {path})")
+        if method == "dspark-v4":
+            from dspark.model.load import load_dspark_draft
+
+            draft = load_dspark_draft(path, self.target, dtype=DTYPES[dtype], device=device)
+        else:
+            from dspark.model.draft_load import load_draft
+
+            draft = load_draft(path, dtype=DTYPES[dtype], device=device)
+        length = max_seq_len or min(self.target.config.max_position_embeddings, 4096)
+        return DSparkDrafter(draft.eval(), max_batch=max_batch, max_seq_len=length, name=method)
 
     # ------------------------------------------------------------------------------ public
     def generate(self, texts: str | Sequence[str], *, max_tokens: int = 64, temperature: float = 0.0,
