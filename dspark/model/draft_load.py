@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from dspark.model.draft import DraftConfig, DraftModel
-from dspark.model.load import CheckpointReader
+from dspark.model.load import CheckpointReader, config_path, raw_config
 
 ARCHITECTURE = "Qwen3DSparkModel"
 _SHARED = ("embed_tokens.weight", "lm_head.weight")
@@ -104,24 +104,13 @@ def draft_config_to_dict(cfg: DraftConfig, dtype: torch.dtype = torch.bfloat16) 
     return d
 
 
-def _config_file(path: str | Path) -> Path:
-    path = Path(path)
-    return (path.parent if path.is_file() else path) / "config.json"
-
-
 def read_draft_config(path: str | Path) -> DraftConfig:
     """The `DraftConfig` of a draft checkpoint directory (or of the directory holding a .safetensors file)."""
-    file = _config_file(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no config.json beside the draft checkpoint")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    raw = raw_config(path)
     try:
         return draft_config_from_dict(raw)
     except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
+        raise ValueError(f"{config_path(path)}: {e}") from None
 
 
 def _listing(names: list[str], limit: int = 10) -> str:

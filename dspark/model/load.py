@@ -326,13 +326,14 @@ def config_to_dict(cfg: ModelConfig) -> dict:
     return d
 
 
-def _config_path(path: str | Path) -> Path:
+def config_path(path: str | Path) -> Path:
     path = Path(path)
     return (path.parent if path.is_file() else path) / "config.json"
 
 
-def _raw_config(path: str | Path) -> dict:
-    file = _config_path(path)
+def raw_config(path: str | Path) -> dict:
+    """The config.json of a checkpoint directory (or of the directory holding a .safetensors file)."""
+    file = config_path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json beside the checkpoint")
     try:
@@ -344,9 +345,9 @@ def _raw_config(path: str | Path) -> dict:
 def read_config(path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a checkpoint directory (or of the directory holding a .safetensors file)."""
     try:
-        return config_from_dict(_raw_config(path))
+        return config_from_dict(raw_config(path))
     except ValueError as e:
-        raise ValueError(f"{_config_path(path)}: {e}") from None
+        raise ValueError(f"{config_path(path)}: {e}") from None
 
 
 # ============================================================================ tensor names
@@ -682,7 +683,7 @@ def _read(reader: CheckpointReader, key: str, fp8_block: tuple[int, int]) -> tor
 def read_mtp_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The checkpoint's `mtp.*` tensors under their checkpoint names, FP8/FP4 dequantised; floating
     tensors as float32 (for the DSpark draft, which is not part of `DeepseekV4`)."""
-    block = _fp8_block(_raw_config(path))
+    block = _fp8_block(raw_config(path))
     out = {}
     with CheckpointReader(path) as reader:
         keys = set(reader.keys())
@@ -788,7 +789,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     from dspark.model.target import DeepseekV4  # the model imports this module for from_pretrained
 
     config = read_config(path)
-    raw = _raw_config(path)
+    raw = raw_config(path)
     with CheckpointReader(path) as reader:
         kind, stages = detect_mtp(reader.keys(), raw)
         config = config.replace(mtp_kind=kind, num_mtp_layers=stages)
@@ -812,7 +813,7 @@ def load_dspark_draft(path: str | Path, target=None, *, dtype: torch.dtype = tor
     from dspark.model.draft_v4 import V4DSparkDraft
 
     config = read_config(path)
-    raw = _raw_config(path)
+    raw = raw_config(path)
     with CheckpointReader(path) as reader:
         kind, stages = detect_mtp(reader.keys(), raw)
         if kind != "dspark":
