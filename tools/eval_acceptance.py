@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""The acceptance table of a nano run (same as `dspark eval`); see dspark/evaluate.py."""
+
+import sys
+
+from dspark.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))
