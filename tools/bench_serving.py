@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Serve the nano model with the real engine on this CPU at a few concurrencies and compare the
+serving simulator's prediction with what was measured in the same run.
+
+For every policy and concurrency C: C held-out prompts decode together (T = 1, seeded); the
+verify forwards and the whole decode rounds are timed. The cost table for the simulator is built
+from this run: verify ms per token bucket from `dspark.decode.sps.profile_sps`, and per policy the
+rest of a round (drafting, sampling, host loop) as measured. The simulator then replays the
+acceptance traces of the same run (full-block traces for the DSpark policies) and predicts per-user
+tokens/s; the report gives both and their relative difference, plus Fig. 7 / Fig. 8 style plots of
+the simulated sweep over concurrency. All figures are CPU figures of this machine.
+
+    python tools/bench_serving.py --run runs/nano --out bench/results/serving-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dspark.config import SamplingParams
+from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.engine import Engine
+from dspark.decode.sps import profile_sps
+from dspark.evaluate import heldout_files, load_run
+from dspark.simulate import CostTable, Policy, TraceRound, plot, simulate, sweep
+
+POLICIES = {  # name → (engine method or draft, scheduler, max verify)
+    "ar": ("ar", "fixed", None),
+    "mtp-1": ("mtp", "fixed", 1),
+    "dspark-fixed": ("dspark", "fixed", None),
+    "dspark-hardware": ("dspark", "hardware", None),
+}
+
+
+def engine_for(run, name: str, concurrency: int, max_seq_len: int, sps: list[float]) -> Engine:
+    method, scheduler, max_verify = POLICIES[name]
+    kw = dict(max_batch=concurrency, max_seq_len=max_seq_len, record_proposals=True, scheduler=scheduler,
+              sps=sps if scheduler == "hardware" else None)
+    if method == "dspark":
+        return Engine(run.target, drafter=DSparkDrafter(run.drafts["dspark"], max_batch=concurrency,
+                                                        max_seq_len=max_seq_len), **kw)
+    return Engine(run.target, method, num_draft_tokens=max_verify, **kw)
+
+
+def measure(engine: Engine, prompts: list[list[int]], max_tokens: int, seed: int) -> dict:
+    """Decode every prompt to the end; time the decode rounds and their verify forwards."""
+    verify_ms, round_ms = [], []
+    target, decode = engine.target, engine._decode
+    forward = target.forward_batch
+
+    def timed_forward(*a, **k):
+        start = time.perf_counter()
+        out = forward(*a, **k)
+        verify_ms.append(1000 * (time.perf_counter() - start))
+        return out
+
+    def timed_decode(reqs):
+        start = time.perf_counter()
+        out = decode(reqs)
+        round_ms.append(1000 * (time.perf_counter() - start))
+        return out
+
+    ids = [engine.add_request(p, SamplingParams(temperature=1.0, seed=seed + i, max_tokens=max_tokens))
+           for i, p in enumerate(prompts)]
+    stats = {}
+    engine._decode = timed_decode
+    try:
+        while engine.has_unfinished():
+            before = len(round_ms)
+            target.forward_batch = timed_forward
+            outs = engine.step()
+            target.forward_batch = forward
+            if len(round_ms) == before:  # a prefill step: its forward is not a verify
+                verify_ms[len(round_ms):] = []
+            for o in outs:
+                stats[o.request_id] = o.stats
+    finally:
+        engine._decode, target.forward_batch = decode, forward
+    tokens = sum(sum(stats[i].emitted) for i in ids)
+    seconds = sum(round_ms) / 1000
+    return dict(stats=[stats[i] for i in ids], per_user_tps=tokens / seconds / len(prompts),
+                verify_ms=statistics.median(verify_ms),
+                other_ms=statistics.median(r - v for r, v in zip(round_ms, verify_ms)), rounds=len(round_ms))
+
+
+def traces_of(stats_list, with_confidence: bool) -> list[list[TraceRound]]:
+    out = []
+    for st in stats_list:
+        conf = [[1 / (1 + math.exp(-z)) for z in zs] for zs in st.confidence_logits] if with_confidence else None
+        out.append([TraceRound(a, conf[i] if conf else None) for i, a in enumerate(st.accepted)])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a finished nano run directory (dspark train-nano --out)")
+    ap.add_argument("--out", required=True, help="directory for results.json and the plots")
+    ap.add_argument("--concurrency", default="1,4,8", help="concurrencies to measure (default: 1,4,8)")
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"subset of {','.join(POLICIES)}")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    names = args.policies.split(",")
+    bad = [n for n in names if n not in POLICIES]
+    if bad:
+        raise SystemExit(f"error: unknown policies {bad}; expected {list(POLICIES)}")
+    run = load_run(args.run, ("ar", "mtp-1", "dspark"))
+    gamma = run.drafts["dspark"].block_size
+    files = [ids for domain in ("code", "prose")
+             for _, ids in heldout_files(run, domain, max(concurrencies), args.prompt_tokens + 1)]
+    if len(files) < max(concurrencies):
+        raise SystemExit(f"error: only {len(files)} held-out files long enough for the prompts")
+    top = max(concurrencies) * (gamma + 1)
+    buckets = sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
+    print(f"profiling verify forwards at {buckets} tokens", file=sys.stderr)
+    sps_profile = profile_sps(run.target, buckets, requests=max(concurrencies), context=args.prompt_tokens)
+    cost = CostTable(verify_ms={b: 1000 / s for b, s in sps_profile.items()}, device="cpu")
+    sps = cost.sps(top)
+    max_len = args.prompt_tokens + args.max_tokens + gamma + 8
+
+    measured, traces = [], {}
+    with torch.no_grad():
+        for name in names:
+            for c in concurrencies:
+                prompts = [f[: args.prompt_tokens].tolist() for f in files[:c]]
+                engine = engine_for(run, name, c, max_len, sps)
+                measure(engine, prompts[:1], 4, args.seed)  # warm-up
+                m = measure(engine_for(run, name, c, max_len, sps), prompts, args.max_tokens, args.seed)
+                cost.draft_ms.setdefault(name, {})[c] = m["other_ms"]
+                if name in ("ar", "mtp-1", "dspark-fixed"):
+                    traces.setdefault(name, []).extend(traces_of(m["stats"], name == "dspark-fixed"))
+                measured.append(dict(policy=name, concurrency=c, per_user_tps=m["per_user_tps"], rounds=m["rounds"],
+                                     verify_ms=m["verify_ms"], other_ms=m["other_ms"]))
+                print(f"{name:16s} C={c:<3d} {m['per_user_tps']:8.2f} tok/s/user", file=sys.stderr)
+
+    policies = {"ar": Policy("ar", "ar", 0), "mtp-1": Policy("mtp-1", "mtp-1", 1),
+                "dspark-fixed": Policy("dspark-fixed", "dspark-fixed", gamma),
+                "dspark-hardware": Policy("dspark-hardware", "dspark-hardware", gamma, scheduler="hardware")}
+    source = {"ar": "ar", "mtp-1": "mtp-1", "dspark-fixed": "dspark-fixed", "dspark-hardware": "dspark-fixed"}
+    for row in measured:
+        pred = simulate(traces[source[row["policy"]]], cost, policies[row["policy"]], row["concurrency"], rounds=100,
+                        seed=args.seed)
+        row["simulated_per_user_tps"] = pred["per_user_tps"]
+        row["relative_error"] = pred["per_user_tps"] / row["per_user_tps"] - 1
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [1, 2, 4, 8, 16, 32, 64, 128]
+    simulated = sweep({p.draft_cost: traces[source[p.name]] for p in (policies[n] for n in names)}, cost,
+                      [policies[n] for n in names], grid, rounds=100, seed=args.seed)
+    plot(simulated, out / "throughput_vs_per_user.png", out / "budget_vs_concurrency.png")
+    cost.save(out / "cost_cpu.json")
+    (out / "results.json").write_text(json.dumps({
+        "note": "CPU figures of one machine (2 cores, torch threads as given); simulated rows extrapolate the "
+                "measured draft cost linearly beyond the measured concurrencies",
+        "threads": args.threads, "measured": measured, "simulated": simulated}, indent=1) + "\n")
+    print(f"{'policy':16s} {'C':>3s} {'measured':>9s} {'simulated':>9s} {'error':>7s}")
+    for r in measured:
+        print(f"{r['policy']:16s} {r['concurrency']:>3d} {r['per_user_tps']:>9.2f} {r['simulated_per_user_tps']:>9.2f} "
+              f"{100 * r['relative_error']:>6.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
