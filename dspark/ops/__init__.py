@@ -5,7 +5,7 @@ rest of the package calls. Ops with Triton kernels take `impl="auto" | "triton" 
 kernel when every input is on CUDA and Triton imports) and are registered as `dspark::<op>`.
 """
 
-from dspark.ops.attention import sink_attention, sink_attention_ref
+from dspark.ops.attention import sink_attention, sink_attention_ref, sparse_sink_attention, sparse_sink_attention_ref
 from dspark.ops.compressor import compress_windows, compress_windows_ref
 from dspark.ops.indexer import indexer_scores, indexer_scores_ref, indexer_topk, indexer_topk_ref
 from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_ref, hc_head, hc_head_ref, hc_weights,
@@ -17,7 +17,8 @@ from dspark.ops.moe import (experts, experts_ref, experts_sorted, hash_route_ref
                             topk_lowest_index)
 
 __all__ = [
-    "sink_attention", "sink_attention_ref", "compress_windows", "compress_windows_ref",
+    "sink_attention", "sink_attention_ref", "sparse_sink_attention", "sparse_sink_attention_ref",
+    "compress_windows", "compress_windows_ref",
     "indexer_scores", "indexer_scores_ref", "indexer_topk", "indexer_topk_ref",
     "hc_collapse", "hc_collapse_ref", "hc_expand", "hc_expand_ref", "hc_head", "hc_head_ref", "hc_weights",
     "hc_weights_collapse", "hc_weights_collapse_ref", "hc_weights_ref",
