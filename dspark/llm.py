@@ -186,7 +186,10 @@ class LLM:
         else:
             from dspark.model.draft_load import load_draft
 
-            draft = load_draft(path, dtype=DTYPES[dtype], device=device)
+            # A shipped draft may leave out its frozen copies of the target's embedding and head.
+            draft = load_draft(path, dtype=DTYPES[dtype], device=device,
+                               shared_embed=self.target.model.embed_tokens.weight.detach(),
+                               shared_head=self.target.lm_head.weight.detach())
         length = max_seq_len or min(self.target.config.max_position_embeddings, 4096)
         return DSparkDrafter(draft.eval(), max_batch=max_batch, max_seq_len=length, name=method)
 

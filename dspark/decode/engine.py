@@ -269,7 +269,7 @@ class Engine:
         return outputs
 
     def _decode(self, reqs: list[_Request]) -> list[RequestOutput]:
-        gamma, dev = self.num_draft_tokens, self.device
+        dev = self.device
         decoding = torch.zeros(self.max_batch, dtype=torch.bool)
         committed = torch.zeros(self.max_batch, dtype=torch.long)
         room = torch.zeros(self.max_batch, dtype=torch.long)

@@ -180,15 +180,19 @@ def load_draft_weights(model: DraftModel, path: str | Path, *, shared_embed: tor
                 param.copy_(reader.get(name) if name in reader else shared[name])
 
 
-def save_draft(model: DraftModel, path: str | Path) -> None:
-    """Write `config.json` and `model.safetensors` in DeepSpec's layout, in the model's dtypes."""
+def save_draft(model: DraftModel, path: str | Path, *, include_shared: bool = True) -> None:
+    """Write `config.json` and `model.safetensors` in DeepSpec's layout, in the model's dtypes.
+
+    `include_shared=False` leaves out the frozen copies of the target's embedding and LM head (load
+    them back with `shared_embed` / `shared_head`): a shipped draft then holds only its own weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / "model.safetensors.index.json").exists():
         raise ValueError(f"{path} holds a sharded checkpoint index, which would shadow the new model.safetensors")
     config = draft_config_to_dict(model.config, dtype=model.embed_tokens.weight.dtype)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()
+               if include_shared or k not in _SHARED}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 

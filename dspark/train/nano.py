@@ -231,9 +231,19 @@ def export(out_dir: str | Path, dest: str | Path) -> Path:
     DeepseekV4.from_pretrained(out / "target" / "final", dtype=torch.bfloat16).save_pretrained(dest / "target")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(out / "tokenizer" / name, dest / "target" / name)
+    target = DeepseekV4.from_pretrained(dest / "target")
     for kind in DRAFT_KINDS:
-        src = out / "drafts" / kind / "draft"
-        shutil.copytree(src, dest / "drafts" / kind)
+        src, dst = out / "drafts" / kind / "draft", dest / "drafts" / kind
+        if kind == "dspark-v4":
+            from dspark.model.load import load_dspark_draft
+
+            load_dspark_draft(src, target, dtype=torch.bfloat16).save_pretrained(dst)
+        else:  # bf16, and without the copies of the target's embedding and head (taken from the target)
+            from dspark.model.draft_load import load_draft, save_draft
+
+            save_draft(load_draft(src, dtype=torch.bfloat16), dst, include_shared=False)
+        if (src / "sts.json").exists():
+            shutil.copy(src / "sts.json", dst / "sts.json")
     for name in ("recipe.json", "hashes.json"):
         shutil.copy(out / name, dest / name)
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
