@@ -1,5 +1,5 @@
-"""`dspark generate` with the random tiny preset: streamed text, completions, the stats line,
-progress on a terminal, --help, and one-line errors for bad input."""
+"""`dspark generate` with the random tiny preset (or the embedded nano model where named): streamed
+text, completions, the stats line, progress on a terminal, --help, and one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from dspark.text import byte_tokenizer
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
-    rc = main(["generate", "--max-tokens", "12", *args])
+    """`dspark generate` on the random tiny preset unless the arguments name a model."""
+    source = [] if {"--model", "--preset"} & set(args) else ["--preset", "tiny"]
+    rc = main(["generate", "--max-tokens", "12", *source, *args])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -29,6 +31,16 @@ def test_generate_streams_and_reports(capsys):
     assert lines[-1].startswith("method ar: 12 tokens in ")
     assert "tok/s" in lines[-1] and "11 rounds" in lines[-1] and "τ 1.00" in lines[-1]
     assert sum("tokens in" in line for line in lines) == 1
+
+
+def test_default_is_the_embedded_nano_model(capsys):
+    """No --model / --preset: the shipped trained model, not a random one; its drafts agree with ar."""
+    rc, ar_out, err = run(capsys, "--preset", "nano", "--prompt", "import os\n")
+    assert rc == 0 and "RANDOM" not in err and len(ar_out) > 1
+    rc = main(["generate", "--max-tokens", "12", "--prompt", "import os\n", "--method", "dspark"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == ar_out and "RANDOM" not in err
+    assert err.strip().splitlines()[-1].startswith("method dspark: ")
 
 
 def test_several_prompts_and_files(capsys, tmp_path):
@@ -138,7 +150,7 @@ def test_terminal_output_escapes_control_characters(capsys, monkeypatch):
     out = Terminal()
     monkeypatch.setattr(sys, "stdout", out)
     # The random tiny model's greedy reply to this prompt holds the bytes 0x00 and 0x06.
-    assert main(["generate", "--max-tokens", "32", "--prompt", "def f(x):"]) == 0
+    assert main(["generate", "--preset", "tiny", "--max-tokens", "32", "--prompt", "def f(x):"]) == 0
     text = out.getvalue()
     assert "\\x00" in text and "\\x06" in text
     assert all(c in "\n\t" or c.isprintable() or ord(c) >= 0xA0 for c in text)

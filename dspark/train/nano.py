@@ -249,5 +249,9 @@ def export(out_dir: str | Path, dest: str | Path) -> Path:
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     (dest / "corpus_manifest.json").write_text(json.dumps(manifest, indent=0) + "\n")
     digest = hashlib.sha256((dest / "target" / "model.safetensors").read_bytes()).hexdigest()
-    (dest / "README.txt").write_text(f"nano model exported from {out.name}; target weights sha256 {digest}\n")
+    (dest / "README.txt").write_text(
+        "The embedded nano model: a small DeepSeek-V4-layout target and its draft models, trained on this\n"
+        "machine's text by `dspark train-nano` (recipe.json). hashes.json hashes the run's fp32 weights;\n"
+        f"the bf16 target/model.safetensors shipped here has sha256 {digest}.\n"
+        "Reproduce: dspark train-nano --out runs/nano --export dspark/assets/nano\n")
     return dest
