@@ -27,4 +27,6 @@ def test_sorted_experts_equal_the_reference(n, data):
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, gu, dn))
     grads_got = torch.autograd.grad(got.square().sum(), (x, gu, dn))
     for a, b in zip(grads_got, grads_ref):
-        assert_close(a, b, atol=1e-3, rtol=1e-4, what="gradient")
+        # Weight gradients reach ~4e4 here; an element that cancels to ~0 still carries fp32 rounding
+        # of the large terms summed into it (in a different order), so atol scales with the tensor.
+        assert_close(a, b, atol=1e-3 + 1e-6 * float(b.abs().max()), rtol=1e-4, what="gradient")
