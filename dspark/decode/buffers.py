@@ -5,7 +5,7 @@ Row r belongs to cache slot r. Rows of idle slots hold stale values that no step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,10 @@ class SlotState:
     offset: torch.Tensor  # [R] int64: uniforms drawn so far (see dspark.ops.rng)
     stop_tokens: torch.Tensor  # [R, S] int64, padded with −1
     decoding: torch.Tensor  # [R] bool: the slot takes part in this round (set by the host loop)
+    # Host-side, per slot: whether its request uses top-k / top-p. When no slot does, `sampling()`
+    # passes None for that filter and the CPU reference skips its vocabulary sort.
+    uses_top_k: list[bool] = field(default_factory=list)
+    uses_top_p: list[bool] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, max_batch: int, max_stop_tokens: int, device) -> "SlotState":
@@ -31,7 +35,7 @@ class SlotState:
         return cls(anchor=zeros(torch.long), temperature=zeros(torch.float32), top_k=zeros(torch.long),
                    top_p=torch.ones(max_batch, device=device), seed=zeros(torch.long), offset=zeros(torch.long),
                    stop_tokens=torch.full((max_batch, max_stop_tokens), -1, dtype=torch.long, device=device),
-                   decoding=zeros(torch.bool))
+                   decoding=zeros(torch.bool), uses_top_k=[False] * max_batch, uses_top_p=[False] * max_batch)
 
     def assign(self, slot: int, params: SamplingParams, seed: int, stop_tokens: tuple[int, ...]) -> None:
         """Host-side: load a request's parameters into its row (before its first step)."""
@@ -40,11 +44,18 @@ class SlotState:
         self.temperature[slot] = params.temperature
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
+        self.uses_top_k[slot], self.uses_top_p[slot] = params.top_k > 0, params.top_p < 1
         self.seed[slot] = seed
         self.offset[slot] = 0
         self.stop_tokens[slot] = -1
         if stop_tokens:
             self.stop_tokens[slot, : len(stop_tokens)] = torch.tensor(stop_tokens, device=self.stop_tokens.device)
 
-    def sampling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.temperature, self.top_k, self.top_p
+    def release(self, slot: int) -> None:
+        """Host-side: the slot's request is done; its filters no longer count."""
+        self.uses_top_k[slot] = self.uses_top_p[slot] = False
+
+    def sampling(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(temperature, top_k, top_p) rows for the sampling ops; a filter no slot uses is None."""
+        return (self.temperature, self.top_k if any(self.uses_top_k) else None,
+                self.top_p if any(self.uses_top_p) else None)

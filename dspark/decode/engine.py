@@ -179,6 +179,7 @@ class Engine:
         req.finish_reason = reason
         self._running.pop(req.rid, None)
         self.cache.release(req.slot)
+        self.slots.release(req.slot)
         self.drafter.release(req.slot)
         self._free_slots.append(req.slot)
 

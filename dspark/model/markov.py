@@ -102,11 +102,13 @@ class BlockHeads:
         return self.confidence_head(h)
 
     def sample_block(self, logits: torch.Tensor, h: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor,
-                     top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, h_confidence: torch.Tensor | None = None
+                     top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor,
+                     h_confidence: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draw a block left to right (dspark.md §2.3).
 
-        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R], u [R, γ] uniforms
+        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R] (a filter may be None:
+        off for every row), u [R, γ] uniforms
         → (tokens [R, γ], Ũ [R, γ, V] fp32, confidence logits [R, γ] fp32 or None).
 
         Slot i's Ũ uses prev = the anchor (i = 0) or the token sampled at slot i−1, and its token is
@@ -117,8 +119,8 @@ class BlockHeads:
         """
         r, g, v = logits.shape
         if self.markov_head is None:
-            def rows(t: torch.Tensor) -> torch.Tensor:
-                return t.unsqueeze(1).expand(r, g).reshape(r * g)
+            def rows(t: torch.Tensor | None) -> torch.Tensor | None:  # None: a filter off for every row
+                return None if t is None else t.unsqueeze(1).expand(r, g).reshape(r * g)
 
             q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p))
             tokens = ops.sample(q, u.reshape(r * g)).view(r, g)

@@ -7,7 +7,8 @@ Layouts: R requests, γ draft slots, V vocabulary, T verify rows (flat, ragged, 
     start [R], verify_len [R]   ℓ_r ∈ [0, γ] drafts verified (ℓ_r = 0: a plain target step)
     draft_logits [R, γ, V]      the draft's corrected logits; its tokens were sampled from
     draft_tokens [R, γ]         probs(draft_logits, same temperature / top-k / top-p)
-    temperature [R], top_k [R], top_p [R]       per-request sampling parameters
+    temperature [R], top_k [R], top_p [R]       per-request sampling parameters (top_k / top_p
+                                                may be None: off for every request, see ops/sampling.py)
     stop_tokens [R, S] int64    stop token ids, padded with −1
     accept_u [R, γ], sample_u [R]               the randomness, explicit
 
@@ -41,8 +42,8 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
                                 triton, use_triton)
-from dspark.ops.sampling import (_NCAND, _block_v, _pow2_scale_tl, _probs_tl, _row_stats, fixed_bits,
-                                 probs_ref, sample_ref)
+from dspark.ops.sampling import (_NCAND, _block_v, _pow2_scale_tl, _probs_tl, _row_stats, filters_or_off,
+                                 fixed_bits, probs_ref, sample_ref)
 
 _RESIDUAL_BITS = 60
 # ⌊fp32(1e-8) · 2^60⌋: "the residual has mass > 1e-8", in exact fixed point.
@@ -60,8 +61,8 @@ def chain_rejection_ref(target_logits, start, verify_len, draft_logits, draft_to
     j = torch.arange(gamma + 1, device=target_logits.device)
     rows = (start.unsqueeze(-1) + j.clamp(max=verify_len.unsqueeze(-1))).clamp(0, target_logits.shape[0] - 1)
 
-    def params(n):  # per-request parameters repeated for n rows each
-        return temperature.repeat_interleave(n), top_k.repeat_interleave(n), top_p.repeat_interleave(n)
+    def params(n):  # per-request parameters repeated for n rows each (None: off for every row)
+        return tuple(None if t is None else t.repeat_interleave(n) for t in (temperature, top_k, top_p))
 
     p_t = probs_ref(target_logits[rows].reshape(-1, v), *params(gamma + 1)).view(r, gamma + 1, v)
     q = probs_ref(draft_logits.reshape(-1, v), *params(gamma)).view(r, gamma, v)
@@ -321,6 +322,6 @@ def chain_rejection(target_logits, start, verify_len, draft_logits, draft_tokens
     """(accepted, emitted, num_emitted, stopped); see `chain_rejection_ref`. impl: "auto" | "triton" | "ref"."""
     args = (target_logits, start, verify_len, draft_logits, draft_tokens, temperature, top_k, top_p, stop_tokens,
             accept_u, sample_u)
-    if use_triton(impl, *args):
-        return _chain_rejection_triton(*args)
+    if use_triton(impl, *(a for a in args if a is not None)):
+        return _chain_rejection_triton(*args[:6], *filters_or_off(top_k, top_p, start), *args[8:])
     return chain_rejection_ref(*args)

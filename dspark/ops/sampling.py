@@ -7,6 +7,8 @@ Layouts: N rows, V vocabulary.
     top_k        [N] int64        0 = off; keeps every token tied with the k-th largest
     top_p        [N] fp32         1 = off; keeps the smallest top set whose mass reaches top_p,
                                   the crossing token and every token tied with it included
+                 either may be None: off for every row, known on the host (the reference then
+                 skips its full-vocabulary sort, which dominates a CPU decode step)
     probs        [N, V] fp32      the filtered, renormalised distribution
     u            [N] fp32         uniforms in [0, 1) for `sample` / `sample_logits`
 
@@ -111,8 +113,8 @@ def quantize_probs(probs: torch.Tensor, f: int) -> torch.Tensor:
     return (p.double() * scale).long()
 
 
-def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-              top_p: torch.Tensor) -> torch.Tensor:
+def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+              top_p: torch.Tensor | None) -> torch.Tensor:
     logits = logits.float()
     v = logits.shape[-1]
     f = fixed_bits(v)
@@ -122,19 +124,21 @@ def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     m = logits.max(-1, keepdim=True).values  # [N, 1]
     w = _weights(logits, m, c.unsqueeze(-1), f)  # [N, V] int64, W(max) = 2^F
 
-    # top-k: keep l ≥ the k-th largest logit (its ties too).
-    sorted_l, order = logits.sort(dim=-1, descending=True, stable=True)
-    k = torch.where(top_k > 0, top_k.clamp(max=v), v) - 1
-    keep = logits >= sorted_l.gather(-1, k.unsqueeze(-1))
-    w = torch.where(keep, w, 0)
-
-    # top-p: the crossing token c is the first (in logit order) whose inclusive mass reaches top_p·S;
-    # keep l ≥ l_c. Integer prefix sums are exact; top_p·S is one fp64 product.
-    cum = w.gather(-1, order).cumsum(-1)  # [N, V] int64
-    reached = cum.double() >= (top_p.float().double() * cum[:, -1].double()).unsqueeze(-1)
-    cross = torch.where(reached.any(-1) & (top_p < 1), reached.long().argmax(-1), v - 1)
-    keep = keep & (logits >= sorted_l.gather(-1, cross.unsqueeze(-1)))
-    w = torch.where(keep, w, 0)
+    keep = logits > -torch.inf  # off filters keep every token; −inf ones weigh 0 either way
+    if top_k is not None or top_p is not None:
+        sorted_l, order = logits.sort(dim=-1, descending=True, stable=True)
+    if top_k is not None:  # keep l ≥ the k-th largest logit (its ties too)
+        k = torch.where(top_k > 0, top_k.clamp(max=v), v) - 1
+        keep = logits >= sorted_l.gather(-1, k.unsqueeze(-1))
+        w = torch.where(keep, w, 0)
+    if top_p is not None:
+        # The crossing token c is the first (in logit order) whose inclusive mass reaches top_p·S;
+        # keep l ≥ l_c. Integer prefix sums are exact; top_p·S is one fp64 product.
+        cum = w.gather(-1, order).cumsum(-1)  # [N, V] int64
+        reached = cum.double() >= (top_p.float().double() * cum[:, -1].double()).unsqueeze(-1)
+        cross = torch.where(reached.any(-1) & (top_p < 1), reached.long().argmax(-1), v - 1)
+        keep = keep & (logits >= sorted_l.gather(-1, cross.unsqueeze(-1)))
+        w = torch.where(keep, w, 0)
 
     inv = 1.0 / w.sum(-1, keepdim=True).double()  # [N, 1] fp64
     p = torch.where(keep, (w.double() * inv).float(), 0.0)
@@ -440,11 +444,19 @@ def _sample_triton(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
+def filters_or_off(top_k: torch.Tensor | None, top_p: torch.Tensor | None, rows: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit off values for filters passed as None (the kernels take tensors), one per row of `rows`."""
+    n, dev = rows.shape[0], rows.device
+    return (torch.zeros(n, dtype=torch.long, device=dev) if top_k is None else top_k,
+            torch.ones(n, dtype=torch.float32, device=dev) if top_p is None else top_p)
+
+
+def probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, *,
           impl: str = "auto") -> torch.Tensor:
     """Filtered sampling distribution [N, V] fp32; see `probs_ref`."""
-    if use_triton(impl, logits, temperature, top_k, top_p):
-        return _probs_triton(logits, temperature, top_k, top_p)
+    if use_triton(impl, logits, temperature):
+        return _probs_triton(logits, temperature, *filters_or_off(top_k, top_p, logits))
     return probs_ref(logits, temperature, top_k, top_p)
 
 
@@ -455,9 +467,9 @@ def sample(probs: torch.Tensor, u: torch.Tensor, *, impl: str = "auto") -> torch
     return sample_ref(probs, u)
 
 
-def sample_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def sample_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+                  top_p: torch.Tensor | None, u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """`sample(probs(...), u)` in one pass set, without writing the probabilities; see `sample_logits_ref`."""
-    if use_triton(impl, logits, temperature, top_k, top_p, u):
-        return _sample_logits_triton(logits, temperature, top_k, top_p, u)
+    if use_triton(impl, logits, temperature, u):
+        return _sample_logits_triton(logits, temperature, *filters_or_off(top_k, top_p, logits), u)
     return sample_logits_ref(logits, temperature, top_k, top_p, u)

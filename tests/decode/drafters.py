@@ -61,6 +61,7 @@ class FixedDistributionDrafter(_PositionTracking):
     def propose(self, slots, u):
         r, gamma = slots.anchor.shape[0], self.num_draft_tokens
         logits = self.fixed.expand(r, gamma, -1)
-        q = ops.probs(logits.reshape(r * gamma, -1), *(p.repeat_interleave(gamma) for p in slots.sampling()))
+        q = ops.probs(logits.reshape(r * gamma, -1), *(p if p is None else p.repeat_interleave(gamma)
+                                                             for p in slots.sampling()))
         tokens = ops.sample(q, u.reshape(-1)).view(r, gamma)
         return Proposal(tokens=tokens, logits=logits.clone())

@@ -157,6 +157,30 @@ def test_sampled_runs_reproduce_with_a_seed():
     assert [r.token_ids for r in a] != [r.token_ids for r in c]
 
 
+def test_a_sampled_request_does_not_depend_on_its_batch_mates_filters():
+    """Filters are skipped for a batch where no request uses them (a host-side choice); a request's
+    tokens are the same whether or not a batch mate uses top-k / top-p, and the choice follows
+    requests as they join and leave."""
+    model, prompt = peaked_model(), list(prompts()[1])
+    plain = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
+    alone = Engine(model, "mtp", num_draft_tokens=2, max_batch=2, max_seq_len=128)
+    alone.add_request(prompt, plain)
+    want = []
+    while alone.has_unfinished():
+        want += [t for o in alone.step() for t in o.new_token_ids]
+        assert alone.slots.sampling()[1:] == (None, None)
+    mixed = Engine(model, "mtp", num_draft_tokens=2, max_batch=2, max_seq_len=128)
+    rid = mixed.add_request(prompt, plain)
+    mixed.add_request(list(prompts()[0]), SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1, max_tokens=4))
+    got, filtered = [], []
+    while mixed.has_unfinished():
+        outs = mixed.step()
+        filtered.append(mixed.slots.sampling()[2] is not None)
+        got += [t for o in outs if o.request_id == rid for t in o.new_token_ids]
+    assert got == want
+    assert filtered[0] and not filtered[-1], "the filters must switch off once the filtering request is done"
+
+
 def test_stop_tokens_end_one_request_without_disturbing_others():
     """Greedy outputs of each prompt with an eos that only one of them emits early."""
     outputs = greedy_ar()

@@ -94,6 +94,20 @@ def test_chain_rejection_kernel_is_bit_identical(v, dtypes, data):
     check_batch(batch)
 
 
+@given(data=st.data())
+def test_filters_passed_as_none_are_off_for_every_request(data):
+    """top_k / top_p = None (no request filters) decide exactly as explicit off values, ref and kernel."""
+    batch = list(data.draw(verify_batches(7)))
+    r = batch[1].shape[0]
+    batch[6], batch[7] = torch.zeros(r, dtype=torch.long), torch.ones(r)
+    want = chain_rejection_ref(*batch)
+    unfiltered = batch[:6] + [None, None] + batch[8:]
+    impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
+    for impl in impls:
+        for name, a, b in zip(OUTPUTS, chain_rejection(*unfiltered, impl=impl), want):
+            assert_equal(a, b, f"{impl} {name}")
+
+
 @needs_triton
 def test_special_cases():
     """verify_len 0, all accepted (bonus from row ℓ), greedy correction, a stop among the drafts, a stop as

@@ -151,6 +151,22 @@ def test_reference_is_the_tie_symmetric_rule_exactly(rows, data):
         assert_equal(got[i], want, f"row {i}")
 
 
+@given(rows=logit_rows(4, 11), data=st.data())
+def test_a_filter_passed_as_none_is_off_for_every_row(rows, data):
+    """None (no request uses the filter, known on the host) gives bit for bit what explicit off values
+    give, in the reference (which then skips its sort) and through the kernels."""
+    n, v = rows.shape
+    t, k, p = data.draw(filter_params(n, v, rows))
+    k_off, p_off = torch.zeros(n, dtype=torch.long), torch.ones(n)
+    u = torch.rand(n, generator=generator(data.draw(seeds())))
+    for top_k, top_p, want_k, want_p in [(None, None, k_off, p_off), (None, p, k_off, p), (k, None, k, p_off)]:
+        want = probs_ref(rows, t, want_k, want_p)
+        assert_equal(probs_ref(rows, t, top_k, top_p), want, "reference")
+        if _launch.HAS_TRITON:
+            assert_equal(probs(rows, t, top_k, top_p, impl="triton"), want, "kernel")
+            assert_equal(sample_logits(rows, t, top_k, top_p, u, impl="triton"), sample_ref(want, u), "tokens")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kernels against references.
 
