@@ -23,7 +23,8 @@ from dspark.decode.mtp import MTPDrafter
 from dspark.decode.ngram import NgramDrafter
 from dspark.decode.stats import RequestStats
 from dspark.decode import schedule as schedulers
-from dspark.decode.step import RoundPlan, decode_round, prefill_layout, prefill_step
+from dspark.decode.step import (RoundPlan, decode_round, draft_and_schedule, prefill_layout, prefill_step,
+                               verify_round)
 from dspark.model.cache import CacheFullError, TargetCache
 
 METHODS = ("ar", "mtp", "ngram")
@@ -287,8 +288,16 @@ class Engine:
             rows = min(rows, len(reqs) + k)
         plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=self._pad(rows), schedule=self._schedule,
                          tracker=self.tracker)
-        res = decode_round(self.target, self.cache, self.drafter, self.slots, plan)
-        # Host read (the round's only sync): what to stream, and the counts the next layout needs.
+        if self.scheduler in ("fixed", "async"):  # the bucket is known before drafting
+            res = decode_round(self.target, self.cache, self.drafter, self.slots, plan)
+        else:
+            # A synchronous adaptive scheduler: read what it chose (one scalar) and verify only that
+            # many rows; a bucket sized for full blocks would cost as much as verifying them all.
+            drafted = draft_and_schedule(self.drafter, self.slots, plan)
+            bucket = self._pad(int(drafted.rows))
+            res = verify_round(self.target, self.cache, self.drafter, self.slots, plan, drafted, bucket)
+        # Host read (the round's sync, besides an adaptive scheduler's row count): what to stream, and
+        # the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
         logprobs, stopped, verified = res.logprobs.tolist(), res.stopped.tolist(), res.verify_len.tolist()
         proposals = res.proposal.tolist() if self.record_proposals else None

@@ -3,8 +3,13 @@ boolean-mask indexing, no branches on tensor values (a CPU test runs it under a 
 on host syncs). The host builds each step's layout from values it already knows (committed
 lengths, verify lengths, prompt chunks) and reads the results back afterwards (engine.py).
 
-    prefill_step : a chunk of prompt per slot; slots whose prompt ends sample their first token
-    decode_round : draft → schedule → verify → rejection sampling → commit → drafter catch-up
+    prefill_step       : a chunk of prompt per slot; slots whose prompt ends sample their first token
+    draft_and_schedule : draft → schedule (verify lengths, and the flat rows they need)
+    verify_round       : verify → rejection sampling → commit → drafter catch-up
+    decode_round       : both, with a verify bucket fixed beforehand
+
+Between the halves the host may read `Drafted.rows` to size the verify bucket to what an adaptive
+scheduler chose (engine.py); without that read the bucket must cover the largest possible choice.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class RoundPlan:
 
     committed: torch.Tensor  # [R] target cache length of each slot (its anchor's position)
     room: torch.Tensor  # [R] most drafts each slot may verify this round
-    bucket: int  # static number of flat verify rows, ≥ Σ over decoding slots of (ℓ + 1)
+    bucket: int  # static number of flat verify rows, ≥ Σ over decoding slots of (room + 1)
     schedule: Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
     # (confidence [R, γ] | None, room, decoding) → verify lengths ℓ [R], device-side
     tracker: AcceptanceTracker | None = None  # online correction of confidences from past rounds
@@ -108,16 +113,40 @@ def prefill_step(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
                       accepted=torch.zeros_like(first), stopped=stopped & done)
 
 
-def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState, plan: RoundPlan) -> StepResult:
+@dataclass(frozen=True)
+class Drafted:
+    """A round's first half: the drafts and how many of them each slot verifies."""
+
+    u: torch.Tensor  # [R, 2γ+1] the round's uniforms: draft | accept | sample
+    proposal: Proposal
+    lengths: torch.Tensor  # [R] verify lengths ℓ (≤ room; idle slots: don't care)
+    rows: torch.Tensor  # [] flat verify rows the lengths need: Σ over decoding slots of (ℓ + 1)
+
+
+def draft_and_schedule(drafter: Drafter, slots: SlotState, plan: RoundPlan) -> Drafted:
     gamma = drafter.num_draft_tokens
     active = slots.decoding
-    u = ops.uniforms(slots.seed, slots.offset, 2 * gamma + 1)  # draft | accept | sample
+    u = ops.uniforms(slots.seed, slots.offset, 2 * gamma + 1)
     proposal: Proposal = drafter.propose(slots, u[:, :gamma])
     confidence = proposal.confidence
     if plan.tracker is not None and confidence is not None:
         confidence = plan.tracker.correct(confidence)
     lengths = torch.minimum(plan.schedule(confidence, plan.room, active), plan.room)
-    layout = verify_layout(plan.committed, lengths, active, plan.bucket, cache.dummy_slot)
+    return Drafted(u=u, proposal=proposal, lengths=lengths, rows=torch.where(active, lengths + 1, 0).sum())
+
+
+def decode_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState, plan: RoundPlan) -> StepResult:
+    """Both halves with `plan.bucket` rows, which must cover what any schedule may choose."""
+    return verify_round(target, cache, drafter, slots, plan, draft_and_schedule(drafter, slots, plan), plan.bucket)
+
+
+def verify_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState, plan: RoundPlan, drafted: Drafted,
+                 bucket: int) -> StepResult:
+    """Verify the scheduled drafts in `bucket` ≥ drafted.rows flat rows; accept, commit, catch up."""
+    gamma = drafter.num_draft_tokens
+    active = slots.decoding
+    u, proposal = drafted.u, drafted.proposal
+    layout = verify_layout(plan.committed, drafted.lengths, active, bucket, cache.dummy_slot)
     seq = torch.cat([slots.anchor.unsqueeze(-1), proposal.tokens], dim=1)  # [R, γ+1]
     batch = layout.batch
     src_slot = batch.slot[batch.token_row].clamp(max=seq.shape[0] - 1)

@@ -106,3 +106,24 @@ def test_confidence_reaches_the_scheduler():
     assert [tuple(r.token_ids) for r in results] == list(greedy_ar())
     lens = [ell for r in results for ell in r.stats.proposal_lens]
     assert min(lens) < max(lens), "a confidence threshold should truncate some blocks and not others"
+
+
+def test_an_adaptive_scheduler_verifies_only_what_it_chose(monkeypatch):
+    """With a synchronous adaptive scheduler each verify forward is sized to the chosen lengths (padded
+    to the token bucket), not to full blocks: otherwise a shorter verify would cost as much."""
+    t, want = target(), greedy_ar()
+    sizes, forward = [], t.forward_batch
+
+    def recording(batch, *a, **k):
+        sizes.append((int(batch.input_ids.shape[0]), int(batch.valid.sum())))
+        return forward(batch, *a, **k)
+
+    monkeypatch.setattr(t, "forward_batch", recording)
+    drafter = DSparkDrafter(make_draft("vanilla"), max_batch=4, max_seq_len=128)
+    results = generate(t, [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+                       max_batch=4, token_bucket=4, scheduler="threshold-survival", threshold=0.5)
+    assert [tuple(r.token_ids) for r in results] == list(want)
+    # Every forward (prefill chunks and verifies) holds its real rows padded up to the bucket of 4 ...
+    assert all(n == -(-real // 4) * 4 for n, real in sizes), [s for s in sizes if s[0] != -(-s[1] // 4) * 4]
+    # ... and the scheduler did cut blocks short (else the check above proves nothing about it).
+    assert min(ell for r in results for ell in r.stats.proposal_lens) < drafter.num_draft_tokens

@@ -1,5 +1,6 @@
 """The step functions never read device values back: run whole generations with every
-`prefill_step` / `decode_round` call under a dispatch mode that raises on host syncs."""
+`prefill_step`, `decode_round`, `draft_and_schedule` and `verify_round` call under a dispatch mode
+that raises on host syncs."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def test_the_guard_catches_syncs():
 @pytest.mark.parametrize("method", ["ar", "mtp", "ngram", "wrong", "dspark"])
 def test_steps_have_no_host_syncs(method, monkeypatch):
     monkeypatch.setattr(engine_module, "prefill_step", guarded(engine_module.prefill_step))
-    monkeypatch.setattr(engine_module, "decode_round", guarded(engine_module.decode_round))
+    for step in ("decode_round", "draft_and_schedule", "verify_round"):
+        monkeypatch.setattr(engine_module, step, guarded(getattr(engine_module, step)))
     config = ModelConfig.tiny()
     model = DeepseekV4.random(config, seed=1).eval()
     drafter, extra = None, {}
