@@ -160,8 +160,8 @@ class LLM:
             self.target = DeepseekV4.random(config, seed=seed, dtype=DTYPES[dtype], device=device)
             self.tokenizer = byte_tokenizer(config.vocab_size)
             self.random_weights = True
-            print(f"WARNING: '{path_or_preset}' is a preset with RANDOM weights (seed {seed}); no trained model "
-                  "ships yet, so the generated text is noise.", file=sys.stderr)
+            print(f"WARNING: '{path_or_preset}' is a preset with RANDOM weights (seed {seed}): the generated text is "
+                  "noise.", file=sys.stderr)
         vocab = self.target.config.vocab_size
         if self.tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {vocab}")
