@@ -233,3 +233,29 @@ def test_cli_help(capsys):
     for flag in ("--run", "--out", "--files", "--prompt-tokens", "--max-tokens", "--methods", "--temperatures",
                  "--seed", "--threads"):
         assert flag in out
+
+
+def test_bench_serving_compares_engine_and_simulator_on_a_smoke_run(smoke, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--run", str(smoke), "--out", str(tmp_path), "--concurrency", "1,2", "--prompt-tokens",
+                           "16", "--max-tokens", "8", "--repeats", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "results.json").read_text())
+    points = {(r["policy"], r["concurrency"]) for r in res["measured"]}
+    assert points == {(p, c) for p in bench.POLICIES for c in (1, 2)}
+    for r in res["measured"]:
+        assert r["per_user_tps"] > 0 and r["tau"] >= 1 and math.isfinite(r["relative_error"])
+    assert {r["policy"] for r in res["simulated"]} == set(bench.POLICIES)
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") == 2 * len(bench.POLICIES)  # one row per measured point
+    for png in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"):
+        assert (tmp_path / png).stat().st_size > 0
