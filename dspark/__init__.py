@@ -1,3 +1,12 @@
 """dspark: lossless speculative decoding (DSpark) for DeepSeek-V4-class models."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `dspark.LLM` without importing torch and the model code on a bare `import dspark`.
+    if name == "LLM":
+        from dspark.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'dspark' has no attribute {name!r}")

@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+import dspark
 from dspark.llm import DRAFT_METHODS, LLM, PACKAGED, default_model
 
 NANO = PACKAGED["nano"]
@@ -27,6 +28,7 @@ def greedy(method: str):
 def test_nano_ships_and_is_the_default():
     assert (NANO / "target" / "config.json").exists(), "the embedded model is missing from the package"
     assert default_model() == "nano"
+    assert dspark.LLM is LLM  # `dspark.LLM("nano")`, as the README shows
     for method in DRAFT_METHODS:
         assert (NANO / "drafts" / method / "config.json").exists(), method
 
