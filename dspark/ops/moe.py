@@ -13,12 +13,22 @@ Layouts: N tokens, D hidden, E experts, K experts per token, I expert width.
 Scores: s = sqrt(softplus(x·gate_wᵀ)) ("sqrtsoftplus") or sigmoid; weights = s[idx] / (Σ s[idx] + 1e-20)
 × scaling. Ties in the top-k selection are broken by the lowest expert index (architecture.md §9).
 SwiGLU with V4's clamp: gate ≤ limit (max only), up ∈ [−limit, limit]; y = (silu(g)·u)·downᵀ.
+
+Inference paths (`experts`): on CUDA the grouped Triton kernels — token slots sorted by expert on the
+device, a tile plan sized from worst-case bounds (no host reads, so it can sit in a CUDA graph), one
+gate/up GEMM with the SwiGLU fused and one down GEMM per tile of BLOCK_M slots of one expert, each
+slot's result written at its own position and combined over its K slots in slot order (no atomics).
+Every expert's weights are read once per tile of its slots, so at decode (a few slots per expert) the
+weight stream is the cost. On CPU `experts_dense` or the reference, whichever is faster for the shape.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, launch, register, tl, triton,
+                                use_triton)
 
 
 def router_scores_ref(x: torch.Tensor, gate_w: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -134,6 +144,146 @@ def experts_dense(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return out.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Grouped experts for CUDA: a device-side tile plan, then two grouped GEMM kernels.
+
+# Slots per tile. Fixed (never chosen from N), so a slot's result does not depend on which other slots
+# share its tile: batch invariance (architecture.md §9). 16 is tl.dot's smallest M.
+_BLOCK_M = 16
+
+
+def expert_tiles(indices: torch.Tensor, num_experts: int, block_m: int = _BLOCK_M):
+    """The grouped GEMMs' work list, built on the device without host reads.
+
+    indices [N, K] (−1 = nowhere) → (order [S] int64: slot ids (n·K + k) sorted by expert, slots routed
+    nowhere last; tile_expert, tile_row0, tile_rows [T] int32: tile t covers sorted rows
+    [row0, row0 + rows) of one expert; rows = 0 marks an unused tile). S = N·K. T is a bound from shapes
+    alone, cdiv(S, BLOCK_M) + min(E, S): every expert with slots adds at most one partial tile.
+    """
+    n, k = indices.shape
+    s = n * k
+    key = torch.where(indices.flatten() >= 0, indices.flatten(), num_experts)  # [S], nowhere → E
+    order = torch.argsort(key, stable=True)  # [S]
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # [E]
+    starts = torch.cumsum(counts, 0) - counts  # [E] first sorted row of each expert
+    tiles = (counts + block_m - 1) // block_m  # [E]
+    tile_end = torch.cumsum(tiles, 0)  # [E]
+    t = torch.arange(cdiv(s, block_m) + min(num_experts, s), device=indices.device)  # [T]
+    e = torch.searchsorted(tile_end, t, right=True)  # [T] the tile's expert; E past the last tile
+    used = e < num_experts
+    ec = e.clamp(max=num_experts - 1)
+    j = t - (tile_end[ec] - tiles[ec])  # the tile's index within its expert
+    rows = torch.where(used, (counts[ec] - j * block_m).clamp(max=block_m), 0)
+    row0 = torch.where(used, starts[ec] + j * block_m, 0)
+    return order, ec.to(torch.int32), row0.to(torch.int32), rows.to(torch.int32)
+
+
+@triton.jit
+def _moe_dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE: fp32 operands multiply exactly (no TF32 rounding)."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, stride_x, gu_ptr, order_ptr, tile_expert_ptr, tile_row0_ptr, tile_rows_ptr, h_ptr,
+                        K, D, I, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """h[row, n-block] = swiglu(x[token]·gateᵀ, x[token]·upᵀ) for one tile's sorted rows (one expert)."""
+    tile = tl.program_id(0)
+    rows = tl.load(tile_rows_ptr + tile)
+    if rows > 0:
+        e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
+        m = tl.arange(0, BLOCK_M)
+        live = m < rows
+        token = tl.load(order_ptr + row0 + m, mask=live, other=0) // K  # [BM]
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < I
+        w_gate = gu_ptr + e * 2 * I * D + n[None, :] * D  # [1, BN] rows of gate_up, read transposed
+        w_up = w_gate + I * D
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            d = d0 + tl.arange(0, BLOCK_K)
+            d_ok = d < D
+            a = tl.load(x_ptr + token[:, None] * stride_x + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+            wg = tl.load(w_gate + d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+            wu = tl.load(w_up + d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g += _moe_dot(a, wg, IEEE)
+            acc_u += _moe_dot(a, wu, IEEE)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(h_ptr + (row0 + m)[:, None] * I + n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(h_ptr, dn_ptr, order_ptr, w_ptr, tile_expert_ptr, tile_row0_ptr, tile_rows_ptr, y_ptr, D, I,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """y[slot, n-block] = weight[slot] · h[row]·downᵀ, written at the slot's own position."""
+    tile = tl.program_id(0)
+    rows = tl.load(tile_rows_ptr + tile)
+    if rows > 0:
+        e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
+        m = tl.arange(0, BLOCK_M)
+        live = m < rows
+        slot = tl.load(order_ptr + row0 + m, mask=live, other=0)  # [BM]
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < D
+        w_down = dn_ptr + e * D * I + n[None, :] * I  # [1, BN] rows of down, read transposed
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_K):
+            i = i0 + tl.arange(0, BLOCK_K)
+            i_ok = i < I
+            a = tl.load(h_ptr + (row0 + m)[:, None] * I + i[None, :], mask=live[:, None] & i_ok[None, :], other=0.0)
+            b = tl.load(w_down + i[:, None], mask=i_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+            acc += _moe_dot(a, b, IEEE)
+        w = tl.load(w_ptr + slot, mask=live, other=0.0)
+        tl.store(y_ptr + slot[:, None] * D + n[None, :], acc * w[:, None], mask=live[:, None] & n_ok[None, :])
+
+
+def _blocks(elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) by dtype only (batch invariance). Untuned (no GPU measurement yet)."""
+    return (64, 64) if elem_bytes <= 2 else (32, 32)
+
+
+@register("moe_experts")
+def _experts_triton(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, limit: float) -> torch.Tensor:
+    """x [N, D] (fp32/fp16/bf16, unit last stride), weights [N, K] fp32, indices [N, K] int (−1 = nowhere),
+    gate_up [E, 2I, D] and down [E, D, I] contiguous in x's dtype → [N, D] in x's dtype.
+    Meaning: `experts_ref`."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, unit_last=True)
+    n, d = (int(v) for v in x.shape)
+    dev = x.device
+    check_tensor("indices", indices, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    k = int(indices.shape[1])
+    check(indices.shape[0] == n, f"indices: {indices.shape[0]} rows for {n} tokens")
+    check_tensor("weights", weights, shape=(n, k), dtypes=(torch.float32,), device=dev)
+    check_tensor("gate_up", gate_up, ndim=3, dtypes=(x.dtype,), device=dev, contiguous=True)
+    num_experts, two_i = (int(v) for v in gate_up.shape[:2])
+    check(two_i % 2 == 0 and gate_up.shape[2] == d, f"gate_up: expected [E, 2I, D={d}], got {tuple(gate_up.shape)}")
+    inter = two_i // 2
+    check_tensor("down", down, shape=(num_experts, d, inter), dtypes=(x.dtype,), device=dev, contiguous=True)
+    order, tile_expert, tile_row0, tile_rows = expert_tiles(indices, num_experts)
+    tiles = int(tile_rows.shape[0])
+    h = torch.empty((n * k, inter), dtype=x.dtype, device=dev)  # SwiGLU output per sorted row
+    y = torch.zeros((n * k, d), dtype=torch.float32, device=dev)  # per slot; slots routed nowhere stay 0
+    block_n, block_k = _blocks(x.element_size())
+    ieee = x.dtype == torch.float32
+    launch(_moe_gate_up_kernel, (tiles, cdiv(inter, block_n)), x, x.stride(0), gate_up, order, tile_expert, tile_row0,
+           tile_rows, h, k, d, inter, float(limit), BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    launch(_moe_down_kernel, (tiles, cdiv(d, block_n)), h, down, order, weights.contiguous().view(n * k), tile_expert,
+           tile_row0, tile_rows, y, d, inter, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    return y.view(n, k, d).sum(1).to(x.dtype)  # combine in slot order, per token
+
+
 # On CPU, computing every expert beats gathering a weight copy per (token, slot) once there are
 # enough tokens to amortise the E/K-fold FLOPs: tools/bench_experts.py (1 thread, nano's widths)
 # measured 1.5× at E/K = 4, N = 8 and 2.6× at E/K = 8, N = 64; a loss at E/K = 32 for every N.
@@ -142,11 +292,11 @@ DENSE_MIN_TOKENS_PER_RATIO = 2
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor, limit: float) -> torch.Tensor:
-    """Sync-free routed experts for inference: `experts_dense` on CPU where it is faster (decided from
-    static shapes), else the reference.
-
-    TODO(#7): sync-free permutation + grouped GEMM kernel for CUDA."""
+            down: torch.Tensor, limit: float, *, impl: str = "auto") -> torch.Tensor:
+    """Sync-free routed experts for inference: the grouped Triton kernels on CUDA; on CPU `experts_dense`
+    where it is faster (decided from static shapes), else the reference."""
+    if use_triton(impl, x, weights, indices, gate_up, down):
+        return _experts_triton(x, weights, indices, gate_up, down, float(limit))
     ratio = gate_up.shape[0] / indices.shape[1]
     if x.device.type == "cpu" and ratio <= DENSE_MAX_RATIO and x.shape[0] >= DENSE_MIN_TOKENS_PER_RATIO * ratio:
         return experts_dense(x, weights, indices, gate_up, down, limit)
