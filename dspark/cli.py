@@ -11,6 +11,7 @@ import torch
 
 from dspark.config import SamplingParams
 from dspark.decode.engine import METHODS
+from dspark.decode.schedule import SCHEDULERS
 from dspark.llm import DRAFT_METHODS, DTYPES, LLM, Completion, default_model
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -282,6 +283,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+PROFILE_EPILOG = """\
+examples:
+  dspark profile --out runs/profile                                  # nano, dspark, 4 users, CPU
+  dspark profile --method mtp --concurrency 8 --rounds 50 --device cuda --dtype bf16 --out runs/prof-mtp
+  NSYS_RECIPE
+
+Open OUT/trace.json in https://ui.perfetto.dev or chrome://tracing. OUT/kernels.md ranks kernels (CUDA)
+or top-level ops (CPU) by their time; OUT/summary.json holds per-round times and the idle gaps between
+kernels (CUDA) or between top-level ops of the decoding thread (CPU), with what surrounds the largest."""
+
+
+def cmd_profile(args) -> int:
+    from dspark.profiling import ProfileConfig, profile
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ProfileConfig(model=args.model or default_model(), method=args.method, scheduler=args.scheduler,
+                           num_draft_tokens=args.num_draft_tokens, concurrency=args.concurrency, rounds=args.rounds,
+                           warmup=args.warmup, temperature=args.temperature, device=args.device, dtype=args.dtype,
+                           seed=args.seed, nsys=args.nsys)
+    summary = profile(config, args.out, progress=not args.quiet)
+    if not args.nsys:
+        print((Path(args.out) / "kernels.md").read_text())
+    else:
+        print(f"median round {summary['median_round_ms']:.2f} ms", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dspark", description="Lossless speculative decoding for DeepSeek-V4-class models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -306,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding method: ar (plain autoregressive), mtp (the model's MTP module drafts), "
                         "ngram (prompt lookup), dspark / dflash / dflash-l1 / dspark-v4 (a trained draft shipped "
                         "next to the model); every method gives the same output distribution (default: ar)")
-    g.add_argument("--scheduler", choices=["fixed", "threshold-slot", "threshold-survival", "hardware", "async"],
+    g.add_argument("--scheduler", choices=SCHEDULERS,
                    default="fixed", help="how many drafted tokens each round verifies (confidence-based ones need "
                                          "a dspark draft; hardware / async profile SPS first) (default: fixed)")
     g.add_argument("--num-draft-tokens", type=int, metavar="K",
@@ -400,6 +431,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
     p.set_defaults(func=cmd_sps)
+
+    from dspark.profiling import NSYS_RECIPE
+
+    pr = sub.add_parser(
+        "profile", help="profile decode rounds: Chrome trace, per-kernel table, idle gaps",
+        epilog=PROFILE_EPILOG.replace("NSYS_RECIPE", NSYS_RECIPE),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decode with C concurrent requests and profile N rounds after prefill and warm-up with the\n"
+                    "PyTorch profiler (or, with --nsys, as NVTX ranges for Nsight Systems).")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    pr.add_argument("--model", metavar="PATH|PRESET",
+                    help="checkpoint directory or preset (default: the embedded nano model)")
+    pr.add_argument("--method", default="dspark", choices=list(METHODS) + list(DRAFT_METHODS),
+                    help="decoding method (default: dspark)")
+    pr.add_argument("--scheduler", default="fixed", choices=list(SCHEDULERS), help="verify scheduler (default: fixed)")
+    pr.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default: the method's)")
+    pr.add_argument("--concurrency", type=int, default=4, metavar="C", help="requests decoding at once (default: 4)")
+    pr.add_argument("--rounds", type=int, default=20, metavar="N", help="profiled decode rounds (default: 20)")
+    pr.add_argument("--warmup", type=int, default=3, metavar="N", help="decode rounds before profiling (default: 3)")
+    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    pr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    pr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight dtype (default: fp32)")
+    pr.add_argument("--seed", type=int, default=0, help="request i samples with seed + i (default: 0)")
+    pr.add_argument("--nsys", action="store_true", help="NVTX ranges and cudaProfilerStart/Stop for Nsight Systems")
+    pr.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
+    pr.add_argument("--quiet", action="store_true", help="no progress lines")
+    pr.set_defaults(func=cmd_profile)
 
     from dspark.evaluate import METHODS as EVAL_METHODS
 

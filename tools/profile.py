@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Profile decode rounds (same as `dspark profile`); see dspark/profiling.py."""
+
+import sys
+
+from dspark.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["profile", *sys.argv[1:]]))
