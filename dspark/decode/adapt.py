@@ -50,21 +50,22 @@ class AcceptanceTracker:
 
     def update(self, confidence: torch.Tensor, verify_len: torch.Tensor, accepted: torch.Tensor,
                active: torch.Tensor, temperature: torch.Tensor) -> None:
-        """After a round: slot k counts when it was verified and slots < k were accepted."""
+        """After a round: slot k counts when it was verified and slots < k were accepted. State is
+        updated in place (a CUDA graph replays the addresses it captured)."""
         gamma = confidence.shape[1]
         k = torch.arange(gamma, device=confidence.device)
         reached = active.unsqueeze(-1) & (k < verify_len.unsqueeze(-1)) & (accepted.unsqueeze(-1) >= k)
         outcome = (accepted.unsqueeze(-1) > k).float()
         d = torch.where(reached, self.decay, 1.0)
         add = reached.float()
-        self.obs = self.obs * d + add * outcome
-        self.pred = self.pred * d + add * confidence
-        self.weight = self.weight * d + add
+        self.obs.copy_(self.obs * d + add * outcome)
+        self.pred.copy_(self.pred * d + add * confidence)
+        self.weight.copy_(self.weight * d + add)
         # Configuration averages: plain sums over every request of the bucket, decayed per round.
         b = torch.zeros(temperature.shape[0], 2, device=temperature.device)
         b = b.scatter_(1, self.bucket(temperature).unsqueeze(-1), 1.0) * active.float().unsqueeze(-1)  # [R, 2]
         seen = (b.t() @ add) > 0  # [2, γ]
         dg = torch.where(seen, self.decay, 1.0)
-        self.cfg_obs = self.cfg_obs * dg + b.t() @ (add * outcome)
-        self.cfg_pred = self.cfg_pred * dg + b.t() @ (add * confidence)
-        self.cfg_weight = self.cfg_weight * dg + b.t() @ add
+        self.cfg_obs.copy_(self.cfg_obs * dg + b.t() @ (add * outcome))
+        self.cfg_pred.copy_(self.cfg_pred * dg + b.t() @ (add * confidence))
+        self.cfg_weight.copy_(self.cfg_weight * dg + b.t() @ add)

@@ -62,7 +62,7 @@ class DSparkDrafter(Drafter):
         for cached, new in zip(self.cache, rows):
             for buf, t in zip(cached, new):
                 buf[slot, index] = t.to(buf.dtype)
-        self.anchor_pos = torch.where(ready, batch.positions[last_row] + 1, self.anchor_pos)
+        self.anchor_pos.copy_(torch.where(ready, batch.positions[last_row] + 1, self.anchor_pos))  # in place: graphs
 
     def propose(self, slots: SlotState, u: torch.Tensor) -> Proposal:
         r, gamma = slots.anchor.shape[0], self.num_draft_tokens

@@ -44,9 +44,10 @@ class MTPDrafter(Drafter):
     def observe(self, out, batch, next_ids, last_row, ready):
         pairs = dataclasses.replace(batch, input_ids=next_ids, logits_rows=last_row)
         logits, y = mtp_forward_batch(self.target, out.streams, pairs, self.cache, self.depth)
-        self.last_logits = torch.where(ready.unsqueeze(-1), logits, self.last_logits)
-        self.last_streams = torch.where(ready.view(-1, 1, 1), y[last_row], self.last_streams)
-        self.committed = torch.where(ready, batch.positions[last_row] + 1, self.committed)
+        # In place: a CUDA graph replays the addresses it captured.
+        self.last_logits.copy_(torch.where(ready.unsqueeze(-1), logits, self.last_logits))
+        self.last_streams.copy_(torch.where(ready.view(-1, 1, 1), y[last_row], self.last_streams))
+        self.committed.copy_(torch.where(ready, batch.positions[last_row] + 1, self.committed))
 
     def propose(self, slots: SlotState, u: torch.Tensor) -> Proposal:
         r = slots.anchor.shape[0]
