@@ -103,7 +103,8 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--model: no checkpoint directory at {args.model}")
     # A random preset says so on stderr itself, before anything is generated.
     llm = LLM(args.model or args.preset or default_model(), method=args.method, num_draft_tokens=args.num_draft_tokens,
-              dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler)
+              dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler,
+              cuda_graphs=args.cuda_graphs)
     updates = llm.updates(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=args.stop)
     streaming = len(prompts) == 1
@@ -304,7 +305,7 @@ def cmd_profile(args) -> int:
     config = ProfileConfig(model=args.model or default_model(), method=args.method, scheduler=args.scheduler,
                            num_draft_tokens=args.num_draft_tokens, concurrency=args.concurrency, rounds=args.rounds,
                            warmup=args.warmup, temperature=args.temperature, device=args.device, dtype=args.dtype,
-                           seed=args.seed, nsys=args.nsys)
+                           seed=args.seed, nsys=args.nsys, cuda_graphs=args.cuda_graphs)
     summary = profile(config, args.out, progress=not args.quiet)
     if not args.nsys:
         print((Path(args.out) / "kernels.md").read_text())
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=SCHEDULERS,
                    default="fixed", help="how many drafted tokens each round verifies (confidence-based ones need "
                                          "a dspark draft; hardware / async profile SPS first) (default: fixed)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode rounds from CUDA graphs (needs --device cuda)")
     g.add_argument("--num-draft-tokens", type=int, metavar="K",
                    help="tokens drafted per round (default: the method's own; ar drafts none)")
     g.add_argument("--max-tokens", type=int, default=64, metavar="N",
@@ -454,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     pr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight dtype (default: fp32)")
     pr.add_argument("--seed", type=int, default=0, help="request i samples with seed + i (default: 0)")
+    pr.add_argument("--cuda-graphs", action="store_true", help="replay decode rounds from CUDA graphs")
     pr.add_argument("--nsys", action="store_true", help="NVTX ranges and cudaProfilerStart/Stop for Nsight Systems")
     pr.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's)")
     pr.add_argument("--quiet", action="store_true", help="no progress lines")

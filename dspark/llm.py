@@ -128,7 +128,7 @@ class LLM:
 
     def __init__(self, path_or_preset: str | Path | None = None, method: str = "ar",
                  num_draft_tokens: int | None = None, dtype: str = "fp32", device: str = "cpu", max_batch: int = 8,
-                 max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed"):
+                 max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed", cuda_graphs: bool = False):
         # Arguments are checked before a checkpoint that may take minutes is loaded.
         path_or_preset = default_model() if path_or_preset is None else path_or_preset
         if dtype not in DTYPES:
@@ -168,7 +168,8 @@ class LLM:
         self.eos_token_ids = tuple(dict.fromkeys(self.target.config.eos_token_ids + self.tokenizer.eos_token_ids))
         self.engine = Engine(self.target, method="ar" if drafter is not None else method, drafter=drafter,
                              num_draft_tokens=num_draft_tokens, max_batch=max_batch, max_seq_len=max_seq_len,
-                             scheduler=scheduler, sps="auto" if scheduler in ("hardware", "async") else None)
+                             scheduler=scheduler, sps="auto" if scheduler in ("hardware", "async") else None,
+                             cuda_graphs=cuda_graphs)
         self.method = method
         self._busy = False
 

@@ -46,6 +46,7 @@ class ProfileConfig:
     dtype: str = "fp32"
     seed: int = 0
     nsys: bool = False  # NVTX ranges + cudaProfilerStart/Stop instead of the PyTorch profiler
+    cuda_graphs: bool = False  # decode rounds replayed from CUDA graphs
 
     def validate(self) -> None:
         for name in ("concurrency", "rounds"):
@@ -53,8 +54,9 @@ class ProfileConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.nsys and not self.device.startswith("cuda"):
-            raise ValueError("--nsys profiles CUDA work: use it with --device cuda")
+        for flag in ("nsys", "cuda_graphs"):
+            if getattr(self, flag) and not self.device.startswith("cuda"):
+                raise ValueError(f"--{flag.replace('_', '-')} needs CUDA: use it with --device cuda")
 
 
 def _sync(device: torch.device) -> None:
@@ -92,7 +94,8 @@ def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM(config.model, method=config.method, num_draft_tokens=config.num_draft_tokens, dtype=config.dtype,
-              device=config.device, max_batch=config.concurrency, scheduler=config.scheduler)
+              device=config.device, max_batch=config.concurrency, scheduler=config.scheduler,
+              cuda_graphs=config.cuda_graphs)
     engine = llm.engine
     device = engine.target.lm_head.weight.device
     gamma = engine.drafter.num_draft_tokens

@@ -40,7 +40,8 @@ def test_profile_command_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [(["--rounds", "0"], "rounds must be >= 1"),
                                           (["--concurrency", "0"], "concurrency must be >= 1"),
-                                          (["--nsys"], "--nsys profiles CUDA work")])
+                                          (["--nsys"], "--nsys needs CUDA"),
+                                          (["--cuda-graphs"], "--cuda-graphs needs CUDA")])
 def test_bad_settings_fail_clearly(tmp_path, capsys, args, message):
     rc = main(["profile", "--model", "tiny", "--method", "ar", "--out", str(tmp_path), *args])
     assert rc != 0 and message in capsys.readouterr().err

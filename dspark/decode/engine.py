@@ -19,6 +19,7 @@ from dspark.config import SamplingParams
 from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
 from dspark.decode.drafter import Drafter
+from dspark.decode.graphs import CapturedRounds
 from dspark.decode.mtp import MTPDrafter
 from dspark.decode.ngram import NgramDrafter
 from dspark.decode.stats import RequestStats
@@ -65,7 +66,8 @@ class Engine:
                  num_draft_tokens: int | None = None, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, memory_budget: int | None = None, page_size: int | None = None,
                  token_bucket: int = 1, max_stop_tokens: int = 8, record_proposals: bool = False,
-                 scheduler: str = "fixed", threshold: float = 0.0, sps=None, adapt: bool = False):
+                 scheduler: str = "fixed", threshold: float = 0.0, sps=None, adapt: bool = False,
+                 cuda_graphs: bool = False):
         if drafter is None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or a drafter object")
         if max_batch < 1 or prefill_chunk < 1 or token_bucket < 1:
@@ -102,6 +104,9 @@ class Engine:
         self._schedule, self._capacities = self._scheduler(scheduler, threshold, sps), []
         # Online confidence correction from observed acceptances (only meaningful with a confidence head).
         self.tracker = AcceptanceTracker(max_batch, max(gamma, 1), device=self.device) if adapt else None
+        self._k = torch.zeros((), dtype=torch.long, device=self.device)  # async capacity, updated in place
+        # Decode rounds replayed from CUDA graphs (dspark/decode/graphs.py); prefill stays eager.
+        self.graphs = CapturedRounds(max_batch, self.device) if cuda_graphs else None
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
@@ -284,18 +289,32 @@ class Engine:
         if self.scheduler == "async":
             # Capacity from two rounds before: the bucket size is known before this round's drafts.
             k = self._capacities[-2] if len(self._capacities) >= 2 else rows - len(reqs)
-            self._k = torch.tensor(k, device=dev)
+            self._k.fill_(k)
             rows = min(rows, len(reqs) + k)
-        plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=self._pad(rows), schedule=self._schedule,
-                         tracker=self.tracker)
+        g, bucket = self.graphs, self._pad(rows)
+        if g is not None:
+            plan = g.plan(committed, room, bucket, self._schedule, self.tracker)
+        else:
+            plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=bucket, schedule=self._schedule,
+                             tracker=self.tracker)
+        filters = tuple(f is None for f in self.slots.sampling()[1:])  # captured work depends on them
+        target, cache, drafter, slots = self.target, self.cache, self.drafter, self.slots
         if self.scheduler in ("fixed", "async"):  # the bucket is known before drafting
-            res = decode_round(self.target, self.cache, self.drafter, self.slots, plan)
+            round_ = lambda: decode_round(target, cache, drafter, slots, plan)  # noqa: E731
+            res = round_() if g is None else g.run(("round", bucket, filters), round_)
         else:
             # A synchronous adaptive scheduler: read what it chose (one scalar) and verify only that
             # many rows; a bucket sized for full blocks would cost as much as verifying them all.
-            drafted = draft_and_schedule(self.drafter, self.slots, plan)
+            draft = lambda: draft_and_schedule(drafter, slots, plan)  # noqa: E731
+            drafted = draft() if g is None else g.run(("draft", filters), draft)
             bucket = self._pad(int(drafted.rows))
-            res = verify_round(self.target, self.cache, self.drafter, self.slots, plan, drafted, bucket)
+            verify = lambda: verify_round(target, cache, drafter, slots, plan, drafted, bucket)  # noqa: E731
+            if g is None:
+                res = verify()
+            elif g.is_static(("draft", filters), drafted):
+                res = g.run(("verify", bucket, filters), verify)
+            else:  # an eager draft's outputs are not at fixed addresses: a graph must not capture them
+                res = verify()
         # Host read (the round's sync, besides an adaptive scheduler's row count): what to stream, and
         # the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
