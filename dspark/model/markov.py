@@ -66,8 +66,9 @@ class ConfidenceHead(nn.Module):
         self.proj = nn.Linear(width, 1, bias=bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [..., d (+ r)] → fp32 logits [...]."""
-        return self.proj(features).squeeze(-1).float()
+        """features [..., d (+ r)] → fp32 logits [...]. Features arrive in the head's dtype or fp32
+        (the V4 draft feeds its fp32 hidden state); the projection runs in the head's dtype."""
+        return self.proj(features.to(self.proj.weight.dtype)).squeeze(-1).float()
 
 
 class BlockHeads:

@@ -127,3 +127,21 @@ def test_an_adaptive_scheduler_verifies_only_what_it_chose(monkeypatch):
     assert all(n == -(-real // 4) * 4 for n, real in sizes), [s for s in sizes if s[0] != -(-s[1] // 4) * 4]
     # ... and the scheduler did cut blocks short (else the check above proves nothing about it).
     assert min(ell for r in results for ell in r.stats.proposal_lens) < drafter.num_draft_tokens
+
+
+@pytest.mark.parametrize("kind", ["gated", "rnn", "v4"])
+def test_drafts_run_in_bf16(kind):
+    """bf16 target and draft (the heads get fp32 and bf16 inputs mixed): lossless, drafts accepted."""
+    t = DeepseekV4.random(target().config, seed=0, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        t.lm_head.weight[2:5] *= 12
+    if kind == "v4":
+        draft = V4DSparkDraft.random(t.config, 3, seed=2, dtype=torch.bfloat16).eval().attach(t)
+    else:
+        draft = qwen_draft(kind).to(torch.bfloat16)
+    prompts = [list(p) for p in PROMPTS[1:]]
+    got = generate(t, prompts, drafter=DSparkDrafter(draft, max_batch=2, max_seq_len=96), max_new_tokens=16,
+                   max_seq_len=96, max_batch=2)
+    want = generate(t, prompts, max_new_tokens=16, max_seq_len=96, max_batch=2)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert sum(a for r in got for a in r.stats.accepted) >= 2, "no drafts accepted: bf16 drafting was not exercised"
