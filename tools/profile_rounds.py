@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Profile decode rounds (same as `dspark profile`); see dspark/profiling.py."""
+"""Profile decode rounds (same as `dspark profile`; not named profile.py, which would shadow the standard library's `profile` module for scripts in tools/); see dspark/profiling.py."""
 
 import sys
 
