@@ -26,6 +26,9 @@ class SlotState:
     # passes None for that filter and the CPU reference skips its vocabulary sort.
     uses_top_k: list[bool] = field(default_factory=list)
     uses_top_p: list[bool] = field(default_factory=list)
+    # Host-side, per round: every position the round touches is below it (0 = unknown); see
+    # `dspark.model.batch.context_bucket`. The verify batch and the drafters bound their reads by it.
+    context: int = 0
 
     @classmethod
     def allocate(cls, max_batch: int, max_stop_tokens: int, device) -> "SlotState":

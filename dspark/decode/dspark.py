@@ -71,11 +71,13 @@ class DSparkDrafter(Drafter):
         block_pos = p.unsqueeze(-1) + torch.arange(gamma, device=dev)
         block_ids = torch.full((r, gamma), self.draft.block_input_token, dtype=torch.long, device=dev)
         block_ids[:, 0] = slots.anchor
-        # Ring row j holds the latest committed position ≡ j (mod capacity) below p.
-        j = torch.arange(self.capacity, device=dev)
-        held = p.unsqueeze(-1) - 1 - (p.unsqueeze(-1) - 1 - j) % self.capacity  # [R, C]
+        # Ring row j holds the latest committed position ≡ j (mod capacity) below p. While every anchor
+        # is below the round's context bound (≤ capacity), rows at and past it hold nothing yet.
+        rows = min(self.capacity, slots.context) if slots.context else self.capacity
+        j = torch.arange(rows, device=dev)
+        held = p.unsqueeze(-1) - 1 - (p.unsqueeze(-1) - 1 - j) % self.capacity  # [R, rows]
         valid = held >= 0
-        context = [tuple(buf[:r] for buf in layer) for layer in self.cache]
+        context = [tuple(buf[:r, :rows] for buf in layer) for layer in self.cache]
         tokens, logits, conf = self.draft.draft_block(block_ids, block_pos, context, valid, slots.anchor,
                                                       *slots.sampling(), u)
         if conf is None:

@@ -26,6 +26,7 @@ from dspark.decode.stats import RequestStats
 from dspark.decode import schedule as schedulers
 from dspark.decode.step import (RoundPlan, decode_round, draft_and_schedule, prefill_layout, prefill_step,
                                verify_round)
+from dspark.model.batch import context_bucket
 from dspark.model.cache import CacheFullError, TargetCache
 
 METHODS = ("ar", "mtp", "ngram")
@@ -285,6 +286,7 @@ class Engine:
             committed[r.slot] = r.committed
             room[r.slot] = min(self.max_verify, r.params.max_tokens - len(r.output) - 1)
         self.slots.decoding.copy_(decoding)
+        self.slots.context = context_bucket(max(r.committed + int(room[r.slot]) + 1 for r in reqs))
         rows = sum(int(room[r.slot]) + 1 for r in reqs)
         if self.scheduler == "async":
             # Capacity from two rounds before: the bucket size is known before this round's drafts.
@@ -297,22 +299,23 @@ class Engine:
         else:
             plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=bucket, schedule=self._schedule,
                              tracker=self.tracker)
-        filters = tuple(f is None for f in self.slots.sampling()[1:])  # captured work depends on them
+        # What the captured work depends on besides the bucket: the filters in use, the context bound.
+        shape = (tuple(f is None for f in self.slots.sampling()[1:]), self.slots.context)
         target, cache, drafter, slots = self.target, self.cache, self.drafter, self.slots
         if self.scheduler in ("fixed", "async"):  # the bucket is known before drafting
             round_ = lambda: decode_round(target, cache, drafter, slots, plan)  # noqa: E731
-            res = round_() if g is None else g.run(("round", bucket, filters), round_)
+            res = round_() if g is None else g.run(("round", bucket, shape), round_)
         else:
             # A synchronous adaptive scheduler: read what it chose (one scalar) and verify only that
             # many rows; a bucket sized for full blocks would cost as much as verifying them all.
             draft = lambda: draft_and_schedule(drafter, slots, plan)  # noqa: E731
-            drafted = draft() if g is None else g.run(("draft", filters), draft)
+            drafted = draft() if g is None else g.run(("draft", shape), draft)
             bucket = self._pad(int(drafted.rows))
             verify = lambda: verify_round(target, cache, drafter, slots, plan, drafted, bucket)  # noqa: E731
             if g is None:
                 res = verify()
-            elif g.is_static(("draft", filters), drafted):
-                res = g.run(("verify", bucket, filters), verify)
+            elif g.is_static(("draft", shape), drafted):
+                res = g.run(("verify", bucket, shape), verify)
             else:  # an eager draft's outputs are not at fixed addresses: a graph must not capture them
                 res = verify()
         # Host read (the round's sync, besides an adaptive scheduler's row count): what to stream, and

@@ -58,7 +58,7 @@ class VerifyLayout:
 
 
 def verify_layout(committed: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor, bucket: int,
-                  dummy_slot: int) -> VerifyLayout:
+                  dummy_slot: int, context: int = 0) -> VerifyLayout:
     """The flat verify batch from device-side lengths, without host syncs: slot r's anchor and
     ℓ_r drafts at positions committed_r .. committed_r + ℓ_r, slots in order, padding at the end."""
     r, dev = committed.shape[0], committed.device
@@ -74,7 +74,8 @@ def verify_layout(committed: torch.Tensor, lengths: torch.Tensor, active: torch.
     slots[r] = dummy_slot
     batch = Batch(input_ids=torch.zeros_like(flat), positions=torch.cat([committed, committed.new_zeros(1)])[row] + col,
                   token_row=row, valid=valid, slot=slots, cache_len=torch.cat([committed, committed.new_zeros(1)]),
-                  new_start=torch.cat([start, total]), new_len=torch.cat([n, bucket - total]), logits_rows=flat)
+                  new_start=torch.cat([start, total]), new_len=torch.cat([n, bucket - total]), logits_rows=flat,
+                  context=context)
     return VerifyLayout(batch=batch, src_col=torch.where(valid, col, 0), start=torch.where(active, start, 0),
                         verify_len=torch.where(active, lengths, 0))
 
@@ -146,7 +147,7 @@ def verify_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     gamma = drafter.num_draft_tokens
     active = slots.decoding
     u, proposal = drafted.u, drafted.proposal
-    layout = verify_layout(plan.committed, drafted.lengths, active, bucket, cache.dummy_slot)
+    layout = verify_layout(plan.committed, drafted.lengths, active, bucket, cache.dummy_slot, slots.context)
     seq = torch.cat([slots.anchor.unsqueeze(-1), proposal.tokens], dim=1)  # [R, γ+1]
     batch = layout.batch
     src_slot = batch.slot[batch.token_row].clamp(max=seq.shape[0] - 1)

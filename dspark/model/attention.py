@@ -93,11 +93,15 @@ class Compressor(nn.Module):
         idx.ring_write(raw_gate, gate, dummy_slot)
 
     def read_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
-        """Every entry slot of each token's request → (entries [T, E, C], visible [T]); entries
-        w ≥ visible (window not closed by t) are zeroed (they may be stale or garbage)."""
+        """The entry slots of each token's request below the batch's context bound (all of them when it
+        is unknown) → (entries [T, E, C], visible [T]); entries w ≥ visible (window not closed by t) are
+        zeroed (they may be stale or garbage)."""
         m = self.rate
         page_size = pool.shape[1] * m
-        first = torch.arange(block_table.shape[1] * pool.shape[1], device=pool.device) * m  # [E] first tokens
+        slots = block_table.shape[1] * pool.shape[1]
+        if idx.context:  # visible ≤ (position + 1) // m < context // m + 1
+            slots = min(slots, idx.context // m + 1)
+        first = torch.arange(slots, device=pool.device) * m  # [E] first tokens
         pages = block_table[idx.slot][:, first // page_size]  # [T, E]
         entries = pool[pages, (first % page_size) // m]  # [T, E, C]
         visible = (idx.positions + 1) // m

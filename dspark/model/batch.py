@@ -10,6 +10,10 @@ Layouts: T flat tokens, R request rows (+1 dummy row that owns padding), J gathe
     cache_len [R+1]                committed tokens of the row before this batch
     new_start [R+1], new_len [R+1] where the row's new tokens sit in the flat batch
     logits_rows [L]                flat indices whose fp32 logits are returned
+    context                        host int: every position in the batch is below it (0 = unknown).
+                                   Layers read compressed entries only up to it, not up to the cache's
+                                   capacity: a short request must not pay for max_seq_len. Bucketed to
+                                   powers of two (`context_bucket`) so few distinct shapes arise.
 
 Everything here is a tensor computed without host syncs, so one step can be captured in a graph;
 `Batch.build` is the host-side constructor used by the engine loop and tests.
@@ -20,6 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def context_bucket(n: int) -> int:
+    """A static bound ≥ n on positions + 1: the next power of two, at least 64."""
+    return max(64, 1 << max(int(n) - 1, 0).bit_length())
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class Batch:
     # True: each request's new tokens are causal (prefill, chain verify). False: bidirectional
     # among the request's new tokens (draft blocks).
     causal: bool = True
+    context: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +91,7 @@ class Batch:
 
         return cls(input_ids=t(ids), positions=t(pos), token_row=t(rows), valid=t([True] * real + [False] * n_pad,
                    torch.bool), slot=t(slots), cache_len=t(cache_lens), new_start=t(starts), new_len=t(lens),
-                   logits_rows=t(logits_rows), causal=causal)
+                   logits_rows=t(logits_rows), causal=causal, context=context_bucket(max(pos, default=0) + 1))
 
 
 class StepIndex:
@@ -102,6 +112,7 @@ class StepIndex:
         self.new_start = batch.new_start[row]
         self.chunk_end = self.cache_len + batch.new_len[row]  # position after the row's last new token
         self.causal = batch.causal
+        self.context = batch.context
 
     def gather(self, batch_rows: torch.Tensor, ring: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rows at positions `pos` [T, J] of each token's request → [T, J, C].

@@ -33,13 +33,14 @@ def tiny_model(seed: int = 0) -> DeepseekV4:
 
 
 class Harness:
-    def __init__(self, model: DeepseekV4, lengths: list[int], seed: int, max_batch: int = 4, **cache_kw):
+    def __init__(self, model: DeepseekV4, lengths: list[int], seed: int, max_batch: int = 4, max_seq_len=MAX_LEN,
+                 **cache_kw):
         self.model, self.config = model, model.config
         g = torch.Generator().manual_seed(seed)
         self.seqs = [torch.randint(2, self.config.vocab_size, (n,), generator=g) for n in lengths]
         with torch.no_grad():
             self.full = [model(s.unsqueeze(0))[0] for s in self.seqs]
-        self.cache = TargetCache(self.config, max_batch=max_batch, max_seq_len=MAX_LEN, **cache_kw)
+        self.cache = TargetCache(self.config, max_batch=max_batch, max_seq_len=max_seq_len, **cache_kw)
         # Requests take non-adjacent slots so slot arithmetic mistakes cannot hide.
         self.slots = [3, 0, 2, 1][: len(lengths)]
         for slot, n in zip(self.slots, lengths):
@@ -220,3 +221,20 @@ def test_mtp_cached_matches_dense():
         assert_close(logits[:keep], dense[0, start:start + keep], atol=ATOL, rtol=0, what=f"mtp at {start}")
         start += min(keep, n)
         cache.poison_uncommitted(1, start)
+
+
+def test_entry_reads_stop_at_the_context_bound():
+    """A short request in a cache sized for long ones reads entries only below the batch's context
+    bound, and gets what reading every entry slot gives (up to summation order over the masked keys)."""
+    import dataclasses
+
+    h = Harness(tiny_model(), [60], seed=5, max_seq_len=1024)
+    h.prefill(0, 40)
+    batch = Batch.build([(h.slots[0], 40, h.seqs[0][40:48].tolist())], dummy_slot=h.cache.dummy_slot, logits="all")
+    assert batch.context == 64  # 48 positions, bucketed: 17 entry slots read instead of 256
+    with torch.no_grad():
+        bounded = h.model.forward_batch(batch, h.cache).logits
+        h.cache.poison_uncommitted(h.slots[0], 40)
+        unbounded = h.model.forward_batch(dataclasses.replace(batch, context=0), h.cache).logits
+    assert_close(bounded, unbounded, atol=1e-5, rtol=0, what="bounded vs unbounded reads")
+    assert_close(bounded, h.full[0][40:48], atol=ATOL, rtol=0, what="bounded reads")
