@@ -5,18 +5,47 @@ Layouts: B batch, T queries, Hi indexer heads, di indexer head dim, W compressed
     q        [B, T, Hi, di]   indexer queries (roped with the compress table)
     keys     [B, W, di]       the indexer's own compressed keys
     w        [B, T, Hi]       per-head weights (x·weights_projᵀ · Hi^-1/2)
-    visible  [B, T]           int, number of entries query t may use (causal: floor((t+1)/m))
-    scores   [B, T, W] fp32   Σ_h w[t,h] · ReLU(q[t,h]·keys[w]) · di^-1/2
-    topk     [B, T, k] int64  chosen entries, -1 where fewer than k entries are visible
+    visible  [B, T]           int, number of entries query t may use (causal: floor((t+1)/m)); entries
+                              w < visible are visible, values outside [0, W] clamp
+    scores   [B, T, W] fp32   Σ_h w[t,h] · ReLU(q[t,h]·keys[w]) · di^-1/2, for every entry, visible or not
+    topk     [B, T, k] int64  chosen entries in increasing index order, then -1 where fewer than k are
+                              visible
 
-Selection: the k = min(index_topk, W) highest scores among visible entries; ties go to the lower
-entry index (deepseek_v4.md §9.4: this rule is ours and must be shared by kernel and reference).
+Selection: the k = min(index_topk, W) highest scores among visible entries; ties go to the lower entry
+index (deepseek_v4.md §9.4: this rule is ours and must be shared by kernel and reference). Scores
+compare as floats with −0.0 = +0.0 and every NaN above +inf (torch's descending sort puts NaN first),
+so the selection is defined for any scores; hidden entries never influence it (their keys may hold
+garbage). The chosen entries are listed by index, not by score: a consumer that reduces over them (the
+sparse attention) then sees the same order whenever it gets the same set, even when two score
+computations round differently without changing the set.
+
+Kernel (`_indexer_kernel`, one program per query (b, t); SCORE and SELECT are constexpr flags, so
+`indexer_scores`, `indexer_topk` and the fused `indexer_select` share one body):
+- SCORE: the query's q [Hi, di] is dotted with the keys in tiles of BLOCK_W entries (tl.dot, fp32
+  accumulation, operands converted to the DOT dtype, a constexpr), ReLU, × scale × w, summed over the
+  heads (head blocks in order) and stored. The products of fp16 / bf16 operands are exact in fp32, so
+  a 16-bit dot loses nothing against the reference's fp32 upcast but summation order.
+- SELECT: on the row of scores (just written by this program, re-read after a barrier, or given):
+  the order keys' min / max over the visible prefix, then an NCAND-way search over the int32 order
+  keys for the k-th largest key κ (each pass counts visible keys ≥ NCAND candidates; ≤ 8 passes since
+  16^8 = 2^32), then one compaction pass writing every key > κ and the first k − #{key > κ} keys == κ
+  (lowest indices) at their prefix-sum positions. Only the visible prefix of the row is read. Passes
+  over the visible scores: 1 (min / max, folded into scoring when fused) + ≤ 8 + 1.
+  TODO(#7): a radix histogram would cut the search to ≤ 4 passes; measure first.
+Batch invariance: tile sizes depend on (Hi, di) only, each program reads only its own query's q, w,
+visible and scores row and its batch row's keys, every reduction runs in a fixed order (one dot per
+tile over the whole di, head blocks in sequence, no split-K, no atomics), and the selection is exact
+integer work: a query's scores and top-k are bit-identical whatever else is in flight.
+TODO(#7): prefill reads each batch row's keys once per query; BLOCK_T queries per program sharing the
+key tiles would divide that traffic (a fixed BLOCK_T keeps the invariance).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
+                                triton, use_triton)
 from dspark.ops.moe import topk_lowest_index
 
 
@@ -31,10 +60,281 @@ def indexer_topk_ref(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tor
     k = min(k, n)
     entry = torch.arange(n, device=scores.device)
     hidden = entry >= visible.unsqueeze(-1)  # [B, T, W]
-    idx = topk_lowest_index(scores.masked_fill(hidden, float("-inf")), k)
-    return torch.where(idx >= visible.unsqueeze(-1), torch.full_like(idx, -1), idx)
+    idx = topk_lowest_index(scores.masked_fill(hidden, float("-inf")), k)  # [B, T, k] best first
+    idx = torch.where(idx >= visible.unsqueeze(-1), n, idx)  # hidden picks (fewer than k visible) → n
+    idx = idx.sort(dim=-1).values  # index order, the n's last
+    return torch.where(idx == n, torch.full_like(idx, -1), idx)
 
 
-# TODO(#7): fused scoring + top-k kernel.
-indexer_scores = indexer_scores_ref
-indexer_topk = indexer_topk_ref
+def indexer_select_ref(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, topk) of one call: `indexer_topk_ref(indexer_scores_ref(q, keys, w), visible, k)`."""
+    scores = indexer_scores_ref(q, keys, w)
+    return scores, indexer_topk_ref(scores, visible, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel.
+
+_DOT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def _to_dot(x, DOT: tl.constexpr):
+    """Loaded operand → the dot dtype (0 fp32, 1 fp16, 2 bf16)."""
+    if DOT == 1:
+        y = x.to(tl.float16)
+    elif DOT == 2:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 → int64 key whose order is the float order, −0.0 = +0.0, every NaN above +inf (key 2^31 − 1)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    key = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return tl.where(x != x, 2147483647, key).to(tl.int64)
+
+
+@triton.jit
+def _kth_key(row_ptr, v, n_sel, lo, hi, BLOCK_S: tl.constexpr, NCAND: tl.constexpr):
+    """Largest key κ with #{w < v : key_w ≥ κ} ≥ n_sel, given lo (satisfies it) < hi (does not), and the
+    count above it, #{w < v : key_w > κ}. Each pass counts the visible keys ≥ NCAND evenly spaced
+    candidates and keeps the sub-interval around the first candidate that fails."""
+    b = tl.arange(0, NCAND).to(tl.int64) + 1
+    above = tl.zeros([], dtype=tl.int64)  # #{key ≥ hi}: 0 for hi = max + 1
+    while hi - lo > 1:
+        step = (hi - lo + NCAND - 1) // NCAND
+        cand = tl.minimum(lo + b * step, hi)  # [NCAND], increasing, last = hi
+        acc = tl.zeros([NCAND], dtype=tl.int64)
+        for s0 in range(0, v, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            ok = offs < v
+            key = _order_key(tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+            acc += tl.sum(((key[:, None] >= cand[None, :]) & ok[:, None]).to(tl.int64), axis=0)
+        fails = acc < n_sel  # counts fall as candidates rise: the failing ones form a suffix
+        new_hi = tl.min(tl.where(fails, cand, hi), axis=0)
+        above = tl.max(tl.where(fails, acc, above), axis=0)  # the count at new_hi
+        lo = tl.max(tl.where(fails, lo, cand), axis=0)
+        hi = new_hi
+    return lo, above
+
+
+@triton.jit
+def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb, stride_kw, w_ptr, stride_wb,
+                    stride_wt, stride_wh, scores_ptr, stride_sb, stride_st, vis_ptr, stride_vb, stride_vt, topk_ptr,
+                    T, H, D, W, K, scale, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_S: tl.constexpr, NCAND: tl.constexpr, DOT: tl.constexpr, SCORE: tl.constexpr,
+                    SELECT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    s_row = scores_ptr + b * stride_sb + t * stride_st
+    v = tl.zeros([], dtype=tl.int64)
+    if SELECT:
+        v = tl.minimum(tl.maximum(tl.load(vis_ptr + b * stride_vb + t * stride_vt).to(tl.int64), 0), W)
+    kmin = tl.full([], 2147483647, tl.int64)  # min / max order key over the visible prefix
+    kmax = tl.full([], -2147483648, tl.int64)
+
+    if SCORE:
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q_row = q_ptr + b * stride_qb + t * stride_qt
+        w_row = w_ptr + b * stride_wb + t * stride_wt
+        for w0 in range(0, W, BLOCK_W):
+            ent = w0 + tl.arange(0, BLOCK_W)
+            ent_ok = ent < W
+            k = _to_dot(tl.load(keys_ptr + b * stride_kb + ent[:, None] * stride_kw + d[None, :],
+                                mask=ent_ok[:, None] & d_ok[None, :], other=0.0), DOT)  # [BLOCK_W, BLOCK_D]
+            s = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):  # head blocks in order
+                h = h0 + tl.arange(0, BLOCK_H)
+                h_ok = h < H
+                qh = _to_dot(tl.load(q_row + h[:, None] * stride_qh + d[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                                     other=0.0), DOT)  # [BLOCK_H, BLOCK_D]
+                if DOT == 0:
+                    dots = tl.dot(qh, tl.trans(k), input_precision="ieee")  # no TF32 rounding
+                else:
+                    dots = tl.dot(qh, tl.trans(k))  # [BLOCK_H, BLOCK_W] fp32
+                wh = tl.load(w_row + h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
+                # ReLU that keeps NaN (as torch.relu); padded heads are dropped, not multiplied by 0, so a
+                # garbage key cannot turn them into NaN.
+                term = tl.where(dots < 0.0, 0.0, dots) * scale * wh[:, None]
+                s += tl.sum(tl.where(h_ok[:, None], term, 0.0), axis=0)
+            tl.store(s_row + ent, s, mask=ent_ok)
+            if SELECT:
+                vis = ent < v
+                key = _order_key(s)
+                kmin = tl.minimum(kmin, tl.min(tl.where(vis, key, 2147483647), axis=0))
+                kmax = tl.maximum(kmax, tl.max(tl.where(vis, key, -2147483648), axis=0))
+        if SELECT:
+            tl.debug_barrier()  # the selection re-reads the row other threads just stored
+    elif SELECT:
+        for s0 in range(0, v, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            vis = offs < v
+            key = _order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
+            kmin = tl.minimum(kmin, tl.min(tl.where(vis, key, 2147483647), axis=0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(vis, key, -2147483648), axis=0))
+
+    if SELECT:
+        n_sel = tl.minimum(v, K)
+        # lo = min key satisfies #{key ≥ lo} = v ≥ n_sel; hi = max + 1 does not (n_sel ≥ 1). n_sel = 0
+        # skips the search and the compaction selects nothing.
+        lo = tl.where(n_sel > 0, kmin, 0)
+        hi = tl.where(n_sel > 0, kmax + 1, 1)
+        kappa, above = _kth_key(s_row, v, n_sel, lo, hi, BLOCK_S, NCAND)
+        need = n_sel - above  # entries tied at κ to take, lowest indices first
+        out_row = topk_ptr + row * K
+        taken = tl.zeros([], dtype=tl.int64)
+        ties = tl.zeros([], dtype=tl.int64)
+        for s0 in range(0, v, BLOCK_S):  # compaction, in index order
+            offs = s0 + tl.arange(0, BLOCK_S)
+            vis = offs < v
+            key = _order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
+            eq = (vis & (key == kappa)).to(tl.int64)
+            tie_rank = ties + tl.cumsum(eq, axis=0) - eq
+            sel = ((vis & (key > kappa)) | ((eq > 0) & (tie_rank < need))).to(tl.int64)
+            pos = taken + tl.cumsum(sel, axis=0) - sel
+            tl.store(out_row + pos, offs.to(tl.int64), mask=sel > 0)
+            taken += tl.sum(sel, axis=0)
+            ties += tl.sum(eq, axis=0)
+        for j0 in range(0, K, BLOCK_S):
+            j = j0 + tl.arange(0, BLOCK_S)
+            tl.store(out_row + j, tl.full([BLOCK_S], -1, tl.int64), mask=(j >= n_sel) & (j < K))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers and registrations.
+
+_BLOCK_W = 64  # entries per score tile; untuned (no GPU measurement yet)
+_BLOCK_S = 256  # scores per selection tile: the [BLOCK_S, NCAND] int64 count tile is 32 registers per thread
+_NCAND = 16  # candidate keys per search pass
+_MAX_D = 1024
+
+
+def _config(h: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps) from (Hi, di) only, never from B, T or W (batch invariance). tl.dot
+    needs dims ≥ 16; the [BLOCK_H, BLOCK_W] fp32 product stays at ≤ 4k elements. Untuned."""
+    block_d = max(16, next_pow2(d))
+    block_h = max(16, min(next_pow2(h), 64))
+    return block_h, block_d, 8 if block_d >= 256 else 4
+
+
+def _dot_code(*tensors: torch.Tensor) -> int:
+    """The dot dtype: the operands' common dtype, fp32 if they differ. The interpreter's bf16 dot is wrong,
+    so interpreted bf16 operands run an fp32 dot (exact upcast, same products)."""
+    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float32
+    if dtype == torch.bfloat16 and not tensors[0].is_cuda:
+        dtype = torch.float32
+    return _DOT_CODES[dtype]
+
+
+def _check_scoring(q, keys, w):
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, unit_last=True)
+    b, t, h, d = (int(s) for s in q.shape)
+    check(h >= 1, f"q: no indexer heads in shape {tuple(q.shape)}")
+    check(1 <= d <= _MAX_D, f"indexer head dim {d} outside [1, {_MAX_D}]")
+    dev = q.device
+    check_tensor("keys", keys, ndim=3, dtypes=FLOAT_DTYPES, device=dev, unit_last=True)
+    check(keys.shape[0] == b and keys.shape[2] == d,
+          f"keys: expected [B={b}, W, di={d}], got {tuple(keys.shape)}")
+    check_tensor("w", w, shape=(b, t, h), dtypes=FLOAT_DTYPES, device=dev)
+    return b, t, h, d, int(keys.shape[1])
+
+
+def _check_selection(scores_shape, visible, k, dev):
+    b, t, n = scores_shape
+    check_tensor("visible", visible, shape=(b, t), dtypes=INDEX_DTYPES, device=dev)
+    check(isinstance(k, int) and k >= 0, f"k must be a non-negative int, got {k!r}")
+    return min(k, n)
+
+
+def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select):
+    """One launch over B·T queries; tensors a flag leaves unused are stand-ins (never dereferenced)."""
+    b, t, n = (int(s) for s in scores.shape)
+    if score:
+        h, d = int(q.shape[2]), int(q.shape[3])
+        block_h, block_d, warps = _config(h, d)
+        dot = _dot_code(q, keys)
+    else:
+        q = keys = w = scores
+        h = d = 1
+        block_h, block_d, warps, dot = 16, 16, 4, 0
+    if not select:  # then score: stand in with an input, not the output the kernel writes
+        visible = topk = q
+    kk = int(topk.shape[2]) if select else 0
+    vis_strides = (visible.stride(0), visible.stride(1)) if select else (0, 0)
+    launch(_indexer_kernel, (b * t,),
+           q, q.stride(0), q.stride(1) if score else 0, q.stride(2) if score else 0,
+           keys, keys.stride(0) if score else 0, keys.stride(1) if score else 0,
+           w, w.stride(0) if score else 0, w.stride(1) if score else 0, w.stride(2) if score else 0,
+           scores, scores.stride(0), scores.stride(1), visible, *vis_strides, topk,
+           t, h, d, n, kk, float(d) ** -0.5, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_W=_BLOCK_W, BLOCK_S=_BLOCK_S,
+           NCAND=_NCAND, DOT=dot, SCORE=score, SELECT=select, num_warps=warps)
+
+
+@register("indexer_scores")
+def _indexer_scores_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q [B, T, Hi, di], keys [B, W, di] (fp32/fp16/bf16, unit last stride), w [B, T, Hi] (float, any strides)
+    → scores [B, T, W] fp32, contiguous. Meaning: `indexer_scores_ref`."""
+    b, t, _, _, n = _check_scoring(q, keys, w)
+    scores = torch.empty((b, t, n), dtype=torch.float32, device=q.device)
+    _launch_indexer(q, keys, w, scores, None, None, score=True, select=False)
+    return scores
+
+
+@register("indexer_topk")
+def _indexer_topk_triton(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, T, W] (fp32/fp16/bf16, unit last stride), visible [B, T] (int32/int64, any strides, e.g. an
+    expanded view), k ≥ 0 → topk [B, T, min(k, W)] int64, contiguous. Meaning: `indexer_topk_ref`."""
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES, unit_last=True)
+    kk = _check_selection(scores.shape, visible, k, scores.device)
+    topk = torch.empty(tuple(scores.shape[:2]) + (kk,), dtype=torch.long, device=scores.device)
+    if kk:
+        _launch_indexer(None, None, None, scores, visible, topk, score=False, select=True)
+    return topk
+
+
+@register("indexer_select")
+def _indexer_select_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
+                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launchers' inputs → (scores [B, T, W] fp32, topk [B, T, min(k, W)] int64) from one launch.
+    Meaning: `indexer_select_ref`."""
+    b, t, _, _, n = _check_scoring(q, keys, w)
+    kk = _check_selection((b, t, n), visible, k, q.device)
+    scores = torch.empty((b, t, n), dtype=torch.float32, device=q.device)
+    topk = torch.empty((b, t, kk), dtype=torch.long, device=q.device)
+    _launch_indexer(q, keys, w, scores, visible, topk, score=True, select=kk > 0)
+    return scores, topk
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+
+
+def indexer_scores(q, keys, w, *, impl: str = "auto"):
+    """Index scores [B, T, W] fp32; see `indexer_scores_ref`."""
+    if use_triton(impl, q, keys, w):
+        return _indexer_scores_triton(q, keys, w)
+    return indexer_scores_ref(q, keys, w)
+
+
+def indexer_topk(scores, visible, k: int, *, impl: str = "auto"):
+    """The top min(k, W) visible entries per query, by index, −1 padded → [B, T, k] int64; see
+    `indexer_topk_ref`."""
+    if use_triton(impl, scores, visible):
+        return _indexer_topk_triton(scores, visible, int(k))
+    return indexer_topk_ref(scores, visible, k)
+
+
+def indexer_select(q, keys, w, visible, k: int, *, impl: str = "auto"):
+    """(scores, topk) in one launch: `indexer_topk(indexer_scores(q, keys, w), visible, k)` without a second
+    launch or a separate min / max pass; see `indexer_select_ref`."""
+    if use_triton(impl, q, keys, w, visible):
+        return _indexer_select_triton(q, keys, w, visible, int(k))
+    return indexer_select_ref(q, keys, w, visible, k)
