@@ -2,8 +2,9 @@
 """Serve the nano model with the real engine on this CPU at a few concurrencies and compare the
 serving simulator's prediction with what was measured in the same run.
 
-For every policy and concurrency C: C held-out prompts decode together (T = 1, seeded); the
-verify forwards and the whole decode rounds are timed. The cost table for the simulator is built
+For every policy and concurrency C: the same max(C) held-out prompts decode in groups of C that
+decode together (T = 1, prompt j seeded seed + j at every C); the verify forwards and the whole
+decode rounds are timed. The cost table for the simulator is built
 from this run: verify ms per token bucket from `dspark.decode.sps.profile_sps`, and per policy the
 rest of a round (drafting, sampling, host loop) as measured. The simulator then replays the
 acceptance traces of the same run (full-block traces for the DSpark policies) and predicts per-user
@@ -95,9 +96,32 @@ def measure(engine: Engine, prompts: list[list[int]], max_tokens: int, seed: int
     steady = [i for i, full in enumerate(round_full) if full]
     tokens = sum(round_tokens[i] for i in steady)
     seconds = sum(round_ms[i] for i in steady) / 1000
-    return dict(stats=[stats[i] for i in ids], per_user_tps=tokens / seconds / len(prompts),
-                tau=tokens / (len(steady) * len(prompts)), verify_ms=statistics.median(verify_ms),
-                other_ms=statistics.median(r - v for r, v in zip(round_ms, verify_ms)), rounds=len(steady))
+    return dict(stats=[stats[i] for i in ids], tokens=tokens, seconds=seconds, rounds=len(steady),
+                per_user_tps=tokens / seconds / len(prompts), verify_ms=verify_ms,
+                other_ms=[r - v for r, v in zip(round_ms, verify_ms)])
+
+
+def measure_point(run, name: str, c: int, files, args, max_len: int, sps, clock) -> tuple[dict, list]:
+    """Concurrency c over the same prompts as every other point: the first max(C) held-out files in
+    groups of c, one group after another (so c = 1 is not one prompt's luck). Per group, the median of
+    `repeats` runs (same seeds, same tokens: repeats differ only in timing noise)."""
+    engine = engine_for(run, name, c, max_len, sps)
+    measure(engine, [files[0][: args.prompt_tokens].tolist()], 4, args.seed, clock)  # warm-up
+    parts, traces = [], []
+    for g in range(max(1, len(files) // c)):
+        prompts = [f[: args.prompt_tokens].tolist() for f in files[g * c:(g + 1) * c]]
+        runs = []
+        for _ in range(args.repeats):
+            engine = engine_for(run, name, c, max_len, sps)
+            runs.append(measure(engine, prompts, args.max_tokens, args.seed + g * c, clock))
+        part = sorted(runs, key=lambda r: r["per_user_tps"])[len(runs) // 2]
+        parts.append(part)
+        traces += traces_of(part["stats"], engine)
+    tokens, seconds, rounds = (sum(p[k] for p in parts) for k in ("tokens", "seconds", "rounds"))
+    row = dict(policy=name, concurrency=c, per_user_tps=tokens / seconds / c, tau=tokens / (rounds * c), rounds=rounds,
+               verify_ms=statistics.median(v for p in parts for v in p["verify_ms"]),
+               other_ms=statistics.median(v for p in parts for v in p["other_ms"]))
+    return row, traces
 
 
 def traces_of(stats_list, engine: Engine) -> list[list[TraceRound]]:
@@ -153,21 +177,12 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for name in names:
             for c in concurrencies:
-                prompts = [f[: args.prompt_tokens].tolist() for f in files[:c]]
-                engine = engine_for(run, name, c, max_len, sps)
-                measure(engine, prompts[:1], 4, args.seed, clock)  # warm-up
-                # Same seeds each repeat, so the same tokens: repeats differ only in timing noise.
-                runs = []
-                for _ in range(args.repeats):
-                    engine = engine_for(run, name, c, max_len, sps)
-                    runs.append(measure(engine, prompts, args.max_tokens, args.seed, clock))
-                m = sorted(runs, key=lambda r: r["per_user_tps"])[len(runs) // 2]
-                cost.draft_ms.setdefault(name, {})[c] = m["other_ms"]
+                row, point_traces = measure_point(run, name, c, files[:max(concurrencies)], args, max_len, sps, clock)
+                cost.draft_ms.setdefault(name, {})[c] = row["other_ms"]
                 if name in ("ar", "mtp-1", "dspark-fixed"):
-                    traces[name, c] = traces_of(m["stats"], engine)
-                measured.append(dict(policy=name, concurrency=c, per_user_tps=m["per_user_tps"], tau=m["tau"], rounds=m["rounds"],
-                                     verify_ms=m["verify_ms"], other_ms=m["other_ms"]))
-                print(f"{name:16s} C={c:<3d} {m['per_user_tps']:8.2f} tok/s/user", file=sys.stderr)
+                    traces[name, c] = point_traces
+                measured.append(row)
+                print(f"{name:16s} C={c:<3d} {row['per_user_tps']:8.2f} tok/s/user", file=sys.stderr)
 
     policies = {"ar": Policy("ar", "ar", 0), "mtp-1": Policy("mtp-1", "mtp-1", 1),
                 "dspark-fixed": Policy("dspark-fixed", "dspark-fixed", gamma),
