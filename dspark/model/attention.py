@@ -108,6 +108,17 @@ class Compressor(nn.Module):
         seen = torch.arange(entries.shape[1], device=pool.device) < visible.unsqueeze(-1)
         return torch.where(seen.unsqueeze(-1), entries, 0.0), visible
 
+    def read_chosen_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor,
+                            chosen: torch.Tensor) -> torch.Tensor:
+        """Entries `chosen` [T, k] (−1 = none, read as zeros) of each token's request → [T, k, C]: a CSA
+        query reads only the indexer's top-k, not every entry slot."""
+        m = self.rate
+        page_size = pool.shape[1] * m
+        first = chosen.clamp(min=0) * m  # [T, k] first token of each chosen entry
+        pages = block_table[idx.slot]  # [T, P]
+        entries = pool[pages.gather(1, first // page_size), (first % page_size) // m]  # [T, k, C]
+        return torch.where((chosen >= 0).unsqueeze(-1), entries, 0.0)
+
     def dense_entries(self, x: torch.Tensor) -> torch.Tensor:
         """All entries of full sequences starting at position 0: x [B, S, D] → [B, S // m, C]."""
         b, s, _ = x.shape
@@ -201,12 +212,17 @@ class Attention(nn.Module):
         grouped = o.flatten(-2).unflatten(-1, (self.o_groups, -1))  # [..., G, H·hd/G]
         return self.o_b_proj(self.o_a_proj(grouped).flatten(-2))
 
+    def topk_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """CSA: the indexer's top-k entries per query → int64 [B, T, k] over the W index keys, −1 = none."""
+        indexer = self.compressor.indexer
+        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x))
+        return ops.indexer_topk(scores, visible, self.index_topk)
+
     def select_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """CSA: the indexer's top-k entries per query → bool [B, T, W] over the W index keys."""
-        indexer = self.compressor.indexer
-        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x))
-        top = ops.indexer_topk(scores, visible, self.index_topk)  # [B, T, k], -1 = none
+        top = self.topk_entries(x, q_lat, cos, sin, index_keys, visible)  # [B, T, k], -1 = none
         chosen = torch.zeros(*top.shape[:-1], index_keys.shape[1] + 1, dtype=torch.bool, device=x.device)
         chosen.scatter_(-1, torch.where(top < 0, index_keys.shape[1], top), True)
         return chosen[..., :-1]
@@ -249,15 +265,18 @@ class Attention(nn.Module):
         if self.compressor is not None:
             comp = self.compressor
             comp.write_closing_entries(x, idx, cache.raw_kv, cache.raw_gate, cache.entries, block_table, dummy_slot)
-            entries, visible = comp.read_entries(idx, cache.entries, block_table)  # [T, E, hd]
             if self.layer_type == "csa":
+                # The indexer scores every visible entry; the attention reads only the k it chose.
                 indexer = comp.indexer
                 indexer.write_closing_entries(x, idx, cache.idx_raw_kv, cache.idx_raw_gate, cache.index_keys,
                                               block_table, dummy_slot)
-                index_keys, _ = indexer.read_entries(idx, cache.index_keys, block_table)
-                chosen = self.select_entries(x.unsqueeze(1), q_lat.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1),
-                                             index_keys, visible.unsqueeze(1))[:, 0]  # [T, E]
+                index_keys, visible = indexer.read_entries(idx, cache.index_keys, block_table)
+                top = self.topk_entries(x.unsqueeze(1), q_lat.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1),
+                                        index_keys, visible.unsqueeze(1))[:, 0]  # [T, k]
+                entries = comp.read_chosen_entries(idx, cache.entries, block_table, top)  # [T, k, hd]
+                chosen = top >= 0
             else:
+                entries, visible = comp.read_entries(idx, cache.entries, block_table)  # [T, E, hd]
                 chosen = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
             keys = torch.cat([keys, entries], dim=1)
             allowed = torch.cat([allowed, chosen], dim=-1)
