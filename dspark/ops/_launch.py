@@ -1,5 +1,5 @@
 """Tiny shared helpers for the Triton launchers: the "use Triton?" decision, input checks, the
-registration and launch shims, cdiv / next_pow2 and dtype sets.
+registration and launch shims, cdiv / next_pow2, dtype sets, and the kernels' `dot`.
 
 Triton is optional (it ships for Linux only): without it `HAS_TRITON` is False, `triton.jit` is an
 identity decorator so the kernel modules still import, and every op runs its reference.
@@ -128,3 +128,13 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
                                    "trace on a GPU or use impl='ref'")
             return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE: fp32 operands multiply exactly (no TF32 rounding)."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c

@@ -48,8 +48,8 @@ import math
 
 import torch
 
-from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, launch, next_pow2, register,
-                                tl, triton, use_triton)
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, dot, launch, next_pow2,
+                                register, tl, triton, use_triton)
 
 _LOG2E = math.log2(math.e)
 
@@ -92,16 +92,6 @@ def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor,
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: fp32 operands multiply exactly (no TF32 rounding)."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
 def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_p, index_ptr, stride_it, sinks_ptr,
                                   out_ptr, H, D, S, P, qk_scale, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
@@ -125,12 +115,12 @@ def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_
         if tl.max(valid.to(tl.int32), axis=0) > 0:
             k = tl.load(pool_ptr + row[:, None] * stride_p + d[None, :], mask=valid[:, None] & d_ok[None, :],
                         other=0.0)  # [BLOCK_S, BLOCK_D], the tile's keys = values, read once for all heads
-            logits = tl.where(valid[None, :], _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))
+            logits = tl.where(valid[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(logits - m_new[:, None])  # [BLOCK_H, BLOCK_S]; masked slots exactly 0
             den = den * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(pool_ptr.dtype.element_ty), k, IEEE)
+            acc = acc * alpha[:, None] + dot(p.to(pool_ptr.dtype.element_ty), k, IEEE)
             m = m_new
     out = acc / den[:, None]
     tl.store(out_ptr + (t * H + h[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, launch, register, tl, triton,
-                                use_triton)
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, dot, launch, register, tl,
+                                triton, use_triton)
 
 
 def router_scores_ref(x: torch.Tensor, gate_w: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -179,13 +179,14 @@ def expert_tiles(indices: torch.Tensor, num_experts: int, block_m: int = _BLOCK_
 
 
 @triton.jit
-def _moe_dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: fp32 operands multiply exactly (no TF32 rounding)."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
+def _tile_rows(tile, tile_expert_ptr, tile_row0_ptr, order_ptr, rows, BLOCK_M: tl.constexpr):
+    """A tile's expert, first sorted row, row offsets, live rows and their slot ids."""
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    live = m < rows
+    slot = tl.load(order_ptr + row0 + m, mask=live, other=0)  # [BM]
+    return e, row0, m, live, slot
 
 
 @triton.jit
@@ -196,11 +197,8 @@ def _moe_gate_up_kernel(x_ptr, stride_x, gu_ptr, order_ptr, tile_expert_ptr, til
     tile = tl.program_id(0)
     rows = tl.load(tile_rows_ptr + tile)
     if rows > 0:
-        e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-        row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
-        m = tl.arange(0, BLOCK_M)
-        live = m < rows
-        token = tl.load(order_ptr + row0 + m, mask=live, other=0) // K  # [BM]
+        e, row0, m, live, slot = _tile_rows(tile, tile_expert_ptr, tile_row0_ptr, order_ptr, rows, BLOCK_M)
+        token = slot // K  # [BM]
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < I
         w_gate = gu_ptr + e * 2 * I * D + n[None, :] * D  # [1, BN] rows of gate_up, read transposed
@@ -213,8 +211,8 @@ def _moe_gate_up_kernel(x_ptr, stride_x, gu_ptr, order_ptr, tile_expert_ptr, til
             a = tl.load(x_ptr + token[:, None] * stride_x + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
             wg = tl.load(w_gate + d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
             wu = tl.load(w_up + d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_g += _moe_dot(a, wg, IEEE)
-            acc_u += _moe_dot(a, wu, IEEE)
+            acc_g += dot(a, wg, IEEE)
+            acc_u += dot(a, wu, IEEE)
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         h = g / (1.0 + tl.exp(-g)) * u
@@ -229,11 +227,7 @@ def _moe_down_kernel(h_ptr, dn_ptr, order_ptr, w_ptr, tile_expert_ptr, tile_row0
     tile = tl.program_id(0)
     rows = tl.load(tile_rows_ptr + tile)
     if rows > 0:
-        e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-        row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
-        m = tl.arange(0, BLOCK_M)
-        live = m < rows
-        slot = tl.load(order_ptr + row0 + m, mask=live, other=0)  # [BM]
+        e, row0, m, live, slot = _tile_rows(tile, tile_expert_ptr, tile_row0_ptr, order_ptr, rows, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < D
         w_down = dn_ptr + e * D * I + n[None, :] * I  # [1, BN] rows of down, read transposed
@@ -243,7 +237,7 @@ def _moe_down_kernel(h_ptr, dn_ptr, order_ptr, w_ptr, tile_expert_ptr, tile_row0
             i_ok = i < I
             a = tl.load(h_ptr + (row0 + m)[:, None] * I + i[None, :], mask=live[:, None] & i_ok[None, :], other=0.0)
             b = tl.load(w_down + i[:, None], mask=i_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-            acc += _moe_dot(a, b, IEEE)
+            acc += dot(a, b, IEEE)
         w = tl.load(w_ptr + slot, mask=live, other=0.0)
         tl.store(y_ptr + slot[:, None] * D + n[None, :], acc * w[:, None], mask=live[:, None] & n_ok[None, :])
 
