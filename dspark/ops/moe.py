@@ -164,7 +164,9 @@ def expert_tiles(indices: torch.Tensor, num_experts: int, block_m: int = _BLOCK_
     s = n * k
     key = torch.where(indices.flatten() >= 0, indices.flatten(), num_experts)  # [S], nowhere → E
     order = torch.argsort(key, stable=True)  # [S]
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # [E]
+    # scatter_add, not bincount: CUDA's bincount reads the input's max back to size its output.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=indices.device).scatter_add_(
+        0, key, torch.ones_like(key))[:num_experts]  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E] first sorted row of each expert
     tiles = (counts + block_m - 1) // block_m  # [E]
     tile_end = torch.cumsum(tiles, 0)  # [E]
