@@ -85,7 +85,7 @@ class BlockHeads:
         if self.markov_head is None:
             return logits, state
         x, state = self.markov_head.step(prev, h, state)
-        return logits + self.markov_head.markov_w2(x).float(), state
+        return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight), state
 
     def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Teacher-forced block: U [..., γ, V], prev [..., γ] (slot i: the token at p+i), h [..., γ, d]
