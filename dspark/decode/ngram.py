@@ -39,7 +39,10 @@ class NgramDrafter(Drafter):
 
     def propose(self, slots: SlotState, u: torch.Tensor) -> Proposal:
         r, gamma = slots.anchor.shape[0], self.num_draft_tokens
-        hist, length = self.history[:r], self.length[:r]  # [R, M], [R]
+        # A decoding slot's known tokens sit below the round's context bound; idle slots may hold longer
+        # stale histories, clamped into range (their proposals are never used).
+        cols = min(self.history.shape[1], slots.context + 1) if slots.context else self.history.shape[1]
+        hist, length = self.history[:r, :cols], self.length[:r].clamp(max=cols - 1)  # [R, M], [R]
         m = hist.shape[1]
         best = torch.full((r,), -1, dtype=torch.long, device=hist.device)  # start of the continuation
         for n in range(self.max_n, self.min_n - 1, -1):
