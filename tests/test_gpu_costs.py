@@ -129,7 +129,10 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(TOOLS / "gpu_check.sh")], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost_gpu.json", "costs.json", "costs.log", "tests.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost_gpu.json", "costs.json", "costs.log", "e2e.json",
+                                                          "e2e.log", "tests.log"]
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "dspark"] and all(r["per_user_tps"] > 0 for r in rows)
     summary = proc.stdout[proc.stdout.index("== gpu_check summary"):]
     assert "tests status 0, costs status 0" in summary and "\ncomplete\n" in summary
     tests = json.loads((tmp_path / "costs.json").read_text())["tests"]["summary"][-1]

@@ -6,11 +6,13 @@
 #   2. the per-component cost table of a random-weight V4-Flash proxy (tools/gpu_costs.py: its own
 #      bf16-vs-fp32 forward check, then per-bucket µs of every component)  → $OUT/costs.json,
 #                                                     $OUT/cost_gpu.json (CostTable), $OUT/costs.log
-#   3. a short summary table, printed last.
+#   3. end-to-end decoding of the embedded nano model (tools/gpu_e2e.py): ar / mtp / dspark at C = 1
+#      and 8, eager and CUDA-graph rounds, per-user tokens/s and the ratio to ar  → $OUT/e2e.json, e2e.log
+#   4. a short summary table, printed last.
 #
 # Offline and installs nothing: the checkout is put on PYTHONPATH and the machine's own python3
-# (torch, triton, pytest, hypothesis) is used. At most ~5.5 minutes: TEST_TIMEOUT (150 s) and
-# COST_TIMEOUT (what is left of 330 s, within 120..240 s) bound the two steps. Figures are reported,
+# (torch, triton, pytest, hypothesis) is used. About 6 minutes at most: TEST_TIMEOUT (120 s),
+# E2E_TIMEOUT (75 s) and COST_TIMEOUT (what is left of 270 s after the tests, within 100..240 s). Figures are reported,
 # not gates; the exit status is non-zero when a step failed, after the summary.
 #
 #   COMMIT=$(git rev-parse HEAD) bash tools/gpu_check.sh     # OUT defaults to bench/results/gpu
@@ -26,7 +28,8 @@ unset TRITON_INTERPRET
 OUT="${OUT:-bench/results/gpu}"
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+E2E_TIMEOUT="${E2E_TIMEOUT:-75}"
 mkdir -p "$OUT"
 start=$SECONDS
 
@@ -69,12 +72,12 @@ tests_rc=${PIPESTATUS[0]}
 set -e
 echo "== tests done in $((SECONDS - start)) s (status $tests_rc)"
 
-# ---- 2. cost table: what is left of ~330 s, at most 240 s (gpu_costs stops starting new
+# ---- 2. cost table: what is left of ~270 s, at most 240 s (gpu_costs stops starting new
 # measurements 30 s before its hard limit, so its JSON is complete when it ends)
 if [[ -z "${COST_TIMEOUT:-}" ]]; then
-    COST_TIMEOUT=$((330 - (SECONDS - start)))
+    COST_TIMEOUT=$((270 - (SECONDS - start)))
     ((COST_TIMEOUT > 240)) && COST_TIMEOUT=240
-    ((COST_TIMEOUT < 120)) && COST_TIMEOUT=120
+    ((COST_TIMEOUT < 100)) && COST_TIMEOUT=100
 fi
 cost_args=(--out "$OUT" --tests-log "$OUT/tests.log" --budget-s "$((COST_TIMEOUT - 30))")
 [[ -n "${COMMIT:-}" ]] && cost_args+=(--commit "$COMMIT")
@@ -90,7 +93,16 @@ if ((costs_rc != 0)); then
     tail -n 25 "$OUT/costs.log"
 fi
 
-# ---- 3. summary, last
+# ---- 3. end to end: the nano model through the engine, eager and graphed (figures, not gates)
+e2e_args=(--out "$OUT" --budget-s "$((E2E_TIMEOUT - 20))")
+[[ "$SMOKE" == 1 ]] && e2e_args+=(--device cpu --dtype fp32 --graphs off --concurrency 1 --methods ar,dspark --tokens 24)
+echo "== end to end (at most $E2E_TIMEOUT s)"
+set +e
+timeout -k 10 "$E2E_TIMEOUT" "$PY" tools/gpu_e2e.py "${e2e_args[@]}" >"$OUT/e2e.log" 2>&1
+e2e_rc=$?
+set -e
+
+# ---- 4. summary, last
 echo
 echo "== gpu_check summary ($((SECONDS - start)) s; tests status $tests_rc, costs status $costs_rc)"
 if ((costs_rc == 0)); then
@@ -100,5 +112,7 @@ elif [[ -f "$OUT/costs.json" ]]; then
 else
     echo "no costs.json written"
 fi
+echo "-- end to end (status $e2e_rc):"
+tail -n 16 "$OUT/e2e.log"
 ls -l "$OUT"
-[[ $tests_rc == 0 && $costs_rc == 0 ]]
+[[ $tests_rc == 0 && $costs_rc == 0 && $e2e_rc == 0 ]]
