@@ -105,8 +105,7 @@ def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) ->
         ids = llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
         engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
                                                max_tokens=budget))
-    while any(r.prefilled < len(r.prompt) for r in engine._running.values()) or engine._waiting:
-        engine.step()  # prefill (and admission) until every request decodes
+    engine.prefill_all()
     for _ in range(config.warmup):
         _decode_round(engine)
     _sync(device)

@@ -39,8 +39,7 @@ def measure(method: str, concurrency: int, graphs: bool, args) -> dict:
     for i in range(concurrency):
         engine.add_request(llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
                            SamplingParams(temperature=1.0, seed=args.seed + i, max_tokens=args.tokens))
-    while any(r.prefilled < len(r.prompt) for r in engine._running.values()) or engine._waiting:
-        engine.step()
+    engine.prefill_all()
     for _ in range(args.warmup):  # graphs: the first round of a shape runs eagerly, the second captures
         engine.step()
     tokens = rounds = 0

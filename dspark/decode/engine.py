@@ -234,6 +234,14 @@ class Engine:
         return -(-n // self.token_bucket) * self.token_bucket
 
     # ---------------------------------------------------------------- one step
+    def prefill_all(self) -> list[RequestOutput]:
+        """Step until every request that fits is admitted and past its prompt (so the next step is a
+        decode round); returns the outputs of those steps (benchmarks, profiles, tests)."""
+        outputs = []
+        while self._free_slots and self._waiting or any(r.prefilled < len(r.prompt) for r in self._running.values()):
+            outputs += self.step()
+        return outputs
+
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outputs, self._done = self._done, []

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark.ops._launch import next_pow2
+
 
 def context_bucket(n: int) -> int:
     """A static bound ≥ n on positions + 1: the next power of two, at least 64."""
-    return max(64, 1 << max(int(n) - 1, 0).bit_length())
+    return max(64, next_pow2(n))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Test-only drafters: an oracle that knows the continuation, and a deliberately wrong one."""
+"""Test-only drafters: an oracle that knows the continuation, a deliberately wrong one, and an
+untrained DSpark draft for the tiny preset with a toy SPS table (engine-level tests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import torch
 
 from dspark import ops
 from dspark.decode.drafter import Drafter, Proposal, one_hot_logits
+from dspark.model.draft import DraftConfig, DraftModel
+
+# Steps/s per verify batch size that fall gently with B: every hardware / async decision stays live.
+TOY_SPS = [0.0] + [1 / (1 + 0.01 * b) for b in range(1, 200)]
+
+
+def tiny_dspark_draft(vocab_size: int) -> DraftModel:
+    """An untrained DSpark draft over the tiny preset's layers 1 and 2 (hidden size 56)."""
+    return DraftModel.random(DraftConfig.tiny(vocab_size=vocab_size, mask_token_id=500, target_layer_ids=(1, 2),
+                                              target_hidden_size=56), seed=2).eval()
 
 
 class _PositionTracking(Drafter):

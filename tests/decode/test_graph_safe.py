@@ -12,8 +12,8 @@ from torch import nn
 from dspark.config import ModelConfig, SamplingParams
 from dspark.decode import Engine
 from dspark.decode.dspark import DSparkDrafter
-from dspark.model.draft import DraftConfig, DraftModel
 from dspark.model.target import DeepseekV4
+from tests.decode.drafters import TOY_SPS, tiny_dspark_draft
 
 
 def state_tensors(obj, path="", seen=None) -> dict[str, torch.Tensor]:
@@ -51,17 +51,15 @@ def test_rounds_update_state_in_place(method):
     model = DeepseekV4.random(config, seed=1).eval()
     drafter, extra = None, {}
     if method == "dspark":  # with the hardware scheduler and online adaptation, so the tracker runs too
-        draft = DraftModel.random(DraftConfig.tiny(vocab_size=config.vocab_size, mask_token_id=500,
-                                                   target_layer_ids=(1, 2), target_hidden_size=56), seed=2).eval()
+        draft = tiny_dspark_draft(config.vocab_size)
         drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=96)
-        extra = dict(scheduler="hardware", sps=[0.0] + [1 / (1 + 0.01 * b) for b in range(1, 200)], adapt=True)
+        extra = dict(scheduler="hardware", sps=TOY_SPS, adapt=True)
     engine = Engine(model, "ar" if drafter else method, drafter=drafter,
                     num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=4, max_seq_len=96,
                     token_bucket=4, **extra)
     for i, prompt in enumerate(([5, 6, 7], list(range(10, 40)))):
         engine.add_request(prompt, SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=12))
-    while any(r.prefilled < len(r.prompt) for r in engine._running.values()):
-        engine.step()
+    engine.prefill_all()
     engine.step()  # one decode round: lazily allocated state (e.g. draft context rings) exists after it
     rounds = 0
     while engine.has_unfinished():

@@ -13,10 +13,9 @@ from dspark.config import ModelConfig, SamplingParams
 from dspark.decode import Engine
 from dspark.decode.dspark import DSparkDrafter
 from dspark.decode.graphs import CapturedRounds
-from dspark.model.draft import DraftConfig, DraftModel
 from dspark.model.target import DeepseekV4
+from tests.decode.drafters import TOY_SPS, tiny_dspark_draft
 
-SPS = [0.0] + [1 / (1 + 0.01 * b) for b in range(1, 200)]
 SETUPS = {  # name → (method, scheduler, adapt)
     "ar": ("ar", "fixed", False), "mtp": ("mtp", "fixed", False), "ngram": ("ngram", "fixed", False),
     "dspark": ("dspark", "fixed", False), "dspark-hardware": ("dspark", "hardware", True),
@@ -30,12 +29,11 @@ def build(name: str, device="cpu", dtype=torch.float32, graphs: str | None = Non
     model = DeepseekV4.random(config, seed=1, dtype=dtype, device=device).eval()
     drafter = None
     if method == "dspark":
-        draft = DraftModel.random(DraftConfig.tiny(vocab_size=config.vocab_size, mask_token_id=500,
-                                                   target_layer_ids=(1, 2), target_hidden_size=56), seed=2)
-        drafter = DSparkDrafter(draft.to(device=device, dtype=dtype).eval(), max_batch=3, max_seq_len=96)
+        draft = tiny_dspark_draft(config.vocab_size).to(device=device, dtype=dtype)
+        drafter = DSparkDrafter(draft, max_batch=3, max_seq_len=96)
     engine = Engine(model, "ar" if drafter else method, drafter=drafter,
                     num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=3, max_seq_len=96,
-                    scheduler=scheduler, sps=SPS if scheduler != "fixed" else None, adapt=adapt,
+                    scheduler=scheduler, sps=TOY_SPS if scheduler != "fixed" else None, adapt=adapt,
                     cuda_graphs=graphs == "cuda")
     if graphs == "emulate":
         engine.graphs = CapturedRounds(3, device, emulate=True)

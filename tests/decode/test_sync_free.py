@@ -14,9 +14,8 @@ import dspark.decode.engine as engine_module
 from dspark.config import ModelConfig
 from dspark.decode import generate
 from dspark.decode.dspark import DSparkDrafter
-from dspark.model.draft import DraftConfig, DraftModel
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import FixedDistributionDrafter
+from tests.decode.drafters import TOY_SPS, FixedDistributionDrafter, tiny_dspark_draft
 
 aten = torch.ops.aten
 SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -79,10 +78,9 @@ def test_steps_have_no_host_syncs(method, monkeypatch):
     if method == "wrong":
         drafter = FixedDistributionDrafter(config.vocab_size, 3, 4, torch.randn(config.vocab_size))
     elif method == "dspark":  # a DSpark draft with the hardware scheduler and online adaptation
-        draft = DraftModel.random(DraftConfig.tiny(vocab_size=config.vocab_size, mask_token_id=500,
-                                                   target_layer_ids=(1, 2), target_hidden_size=56), seed=2).eval()
+        draft = tiny_dspark_draft(config.vocab_size)
         drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=96)
-        extra = dict(scheduler="hardware", sps=[0.0] + [1 / (1 + 0.01 * b) for b in range(1, 200)], adapt=True)
+        extra = dict(scheduler="hardware", sps=TOY_SPS, adapt=True)
     res = generate(model, [[5, 6, 7], list(range(10, 40))], method=method if drafter is None else "ar",
                    drafter=drafter, num_draft_tokens=None if method in ("ar", "wrong", "dspark") else 2,
                    max_new_tokens=12, max_seq_len=96, temperature=1.0, top_k=50, top_p=0.9, seed=3, max_batch=4,
