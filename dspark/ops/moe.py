@@ -281,8 +281,9 @@ def _experts_triton(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
 
 # On CPU, computing every expert beats gathering a weight copy per (token, slot) once there are
-# enough tokens to amortise the E/K-fold FLOPs: tools/bench_experts.py (1 thread, nano's widths)
-# measured 1.5× at E/K = 4, N = 8 and 2.6× at E/K = 8, N = 64; a loss at E/K = 32 for every N.
+# enough tokens to amortise the E/K-fold FLOPs: tools/bench_experts.py (1 thread, nano's widths;
+# bench/results/experts-cpu/table.txt) measured 1.46× at E/K = 4, N = 8, 1.68× at E/K = 8, N = 64,
+# 0.95× at E/K = 16, N = 64 (the rule's margin) and a loss at E/K = 32 for every N.
 DENSE_MAX_RATIO = 16
 DENSE_MIN_TOKENS_PER_RATIO = 2
 
