@@ -87,37 +87,42 @@ class Compressor(nn.Module):
         first = window.clamp(min=0) * m
         # Padding rows may carry any position: clamp the page lookup, their writes go to the trash page.
         page_index = (first // page_size).clamp(max=block_table.shape[1] - 1)
-        page = torch.where(closes, block_table[idx.slot, page_index], 0)  # page 0: trash
+        page = torch.where(closes, idx.pages(block_table).gather(1, page_index.unsqueeze(-1))[:, 0], 0)  # 0: trash
         pool[page, (first % page_size) // m] = entry.to(pool.dtype)
         idx.ring_write(raw_kv, kv, dummy_slot)
         idx.ring_write(raw_gate, gate, dummy_slot)
 
-    def read_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
-        """The entry slots of each token's request below the batch's context bound (all of them when it
-        is unknown) → (entries [T, E, C], visible [T]); entries w ≥ visible (window not closed by t) are
-        zeroed (they may be stale or garbage)."""
-        m = self.rate
-        page_size = pool.shape[1] * m
-        slots = block_table.shape[1] * pool.shape[1]
-        if idx.context:  # visible ≤ (position + 1) // m < context // m + 1
-            slots = min(slots, idx.context // m + 1)
-        first = torch.arange(slots, device=pool.device) * m  # [E] first tokens
-        pages = block_table[idx.slot][:, first // page_size]  # [T, E]
-        entries = pool[pages, (first % page_size) // m]  # [T, E, C]
-        visible = (idx.positions + 1) // m
-        seen = torch.arange(entries.shape[1], device=pool.device) < visible.unsqueeze(-1)
-        return torch.where(seen.unsqueeze(-1), entries, 0.0), visible
+    def entry_rows(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor,
+                   entries: torch.Tensor) -> torch.Tensor:
+        """Entry numbers `entries` [T, J] of each token's request (−1 = none) → their rows in the flat
+        pool [pages · P/m, C] (−1 kept)."""
+        m, per_page = self.rate, pool.shape[1]
+        first = entries.clamp(min=0) * m  # [T, J] first token of each entry
+        pages = idx.pages(block_table).gather(1, first // (per_page * m))
+        return torch.where(entries >= 0, pages * per_page + (first % (per_page * m)) // m, -1)
 
-    def read_chosen_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor,
-                            chosen: torch.Tensor) -> torch.Tensor:
-        """Entries `chosen` [T, k] (−1 = none, read as zeros) of each token's request → [T, k, C]: a CSA
-        query reads only the indexer's top-k, not every entry slot."""
+    def visible_rows(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
+        """Every entry slot of each token's request below the batch's context bound (all of them when
+        it is unknown) → (pool rows [T, E], −1 where entry w ≥ visible (window not closed by t);
+        visible [T]). The same for every layer of one rate and page layout: built once per forward."""
         m = self.rate
-        page_size = pool.shape[1] * m
-        first = chosen.clamp(min=0) * m  # [T, k] first token of each chosen entry
-        pages = block_table[idx.slot]  # [T, P]
-        entries = pool[pages.gather(1, first // page_size), (first % page_size) // m]  # [T, k, C]
-        return torch.where((chosen >= 0).unsqueeze(-1), entries, 0.0)
+
+        def make():
+            slots = block_table.shape[1] * pool.shape[1]
+            if idx.context:  # visible ≤ (position + 1) // m < context // m + 1
+                slots = min(slots, idx.context // m + 1)
+            visible = (idx.positions + 1) // m
+            numbers = torch.arange(slots, device=pool.device).expand(visible.shape[0], slots)
+            return self.entry_rows(idx, pool, block_table, torch.where(numbers < visible.unsqueeze(-1), numbers, -1)), \
+                visible
+
+        return idx.memo(("visible entry rows", m, pool.shape[1]), make)
+
+    def read_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
+        """The visible entries of `visible_rows` → (entries [T, E, C], zero where not visible; visible [T])."""
+        rows, visible = self.visible_rows(idx, pool, block_table)
+        entries = pool.flatten(0, 1)[rows.clamp(min=0)]  # [T, E, C]
+        return torch.where((rows >= 0).unsqueeze(-1), entries, 0.0), visible
 
     def dense_entries(self, x: torch.Tensor) -> torch.Tensor:
         """All entries of full sequences starting at position 0: x [B, S, D] → [B, S // m, C]."""
@@ -248,20 +253,16 @@ class Attention(nn.Module):
 
         Keys per query: the W window positions (committed ones from the ring, the request's new
         ones from the batch) and, for CSA/HCA, the compressed entries visible at its position,
-        including entries whose window closed earlier in this same forward.
+        including entries whose window closed earlier in this same forward. No key is copied: the
+        attention reads them by index from [window ring ; this forward's rows ; entry pool].
         """
         pos = idx.positions
         cos, sin = self.rotary(pos)
         q, q_lat = self.project_q(x, cos, sin)
-        kv = self.project_kv(x, cos, sin)  # [T, hd]
-        win = pos.unsqueeze(-1) - (self.window - 1) + torch.arange(self.window, device=x.device)  # [T, W]
-        allowed = win >= 0
-        if not idx.causal:
-            # Block-bidirectional: also the request's later new tokens (always within the window).
-            later = pos.unsqueeze(-1) + 1 + torch.arange(self.window - 1, device=x.device)
-            win = torch.cat([win, later], dim=-1)
-            allowed = torch.cat([allowed, later < idx.chunk_end.unsqueeze(-1)], dim=-1)
-        keys = idx.gather(kv, cache.window, win)  # [T, W(+W−1), hd]
+        ring = cache.window  # [slots, Wc, hd]
+        kv = self.project_kv(x, cos, sin).to(ring.dtype)  # [T, hd]
+        parts = [ring.flatten(0, 1), kv]
+        index = idx.memo(("window rows", self.window, ring.shape), lambda: self.window_rows(idx, ring))
         if self.compressor is not None:
             comp = self.compressor
             comp.write_closing_entries(x, idx, cache.raw_kv, cache.raw_gate, cache.entries, block_table, dummy_slot)
@@ -273,17 +274,27 @@ class Attention(nn.Module):
                 index_keys, visible = indexer.read_entries(idx, cache.index_keys, block_table)
                 top = self.topk_entries(x.unsqueeze(1), q_lat.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1),
                                         index_keys, visible.unsqueeze(1))[:, 0]  # [T, k]
-                entries = comp.read_chosen_entries(idx, cache.entries, block_table, top)  # [T, k, hd]
-                chosen = top >= 0
+                rows = comp.entry_rows(idx, cache.entries, block_table, top)
             else:
-                entries, visible = comp.read_entries(idx, cache.entries, block_table)  # [T, E, hd]
-                chosen = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
-            keys = torch.cat([keys, entries], dim=1)
-            allowed = torch.cat([allowed, chosen], dim=-1)
-        keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)  # masked rows may hold stale values
-        o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), self.sinks, self.scale)[:, 0]
-        idx.ring_write(cache.window, kv, dummy_slot)
+                rows = comp.visible_rows(idx, cache.entries, block_table)[0]  # [T, E]
+            start = ring.shape[0] * ring.shape[1] + kv.shape[0]  # the entry pool's first row in the index
+            parts.append(cache.entries.flatten(0, 1))
+            index = torch.cat([index, torch.where(rows >= 0, rows + start, -1)], dim=-1)
+        o = ops.sparse_sink_attention(q.to(ring.dtype), parts, index, self.sinks, self.scale).to(x.dtype)
+        idx.ring_write(ring, kv, dummy_slot)
         return self.project_out(o, cos, sin)
+
+    def window_rows(self, idx: StepIndex, ring: torch.Tensor) -> torch.Tensor:
+        """Rows of each query's window keys in [ring ; this forward's rows] → [T, W] (causal) or
+        [T, 2W−1] (block-bidirectional: also the request's later new tokens), −1 where masked."""
+        pos = idx.positions
+        win = pos.unsqueeze(-1) - (self.window - 1) + torch.arange(self.window, device=pos.device)  # [T, W]
+        allowed = win >= 0
+        if not idx.causal:
+            later = pos.unsqueeze(-1) + 1 + torch.arange(self.window - 1, device=pos.device)
+            win = torch.cat([win, later], dim=-1)
+            allowed = torch.cat([allowed, later < idx.chunk_end.unsqueeze(-1)], dim=-1)
+        return torch.where(allowed, idx.key_rows(win, ring), -1)
 
     # ---------------------------------------------------------------- dense forward
     def forward(self, x: torch.Tensor, collect: list | None = None) -> torch.Tensor:

@@ -97,11 +97,14 @@ class Batch:
 
 
 class StepIndex:
-    """Per-token views of the batch and the gather rules shared by every layer of one forward.
+    """Per-token views of the batch and the index rules shared by every layer of one forward.
 
     A position p of token i's request is read from the batch when p ≥ cache_len (the request's own
     new tokens: a chunk's tokens read each other from the batch, never from a ring too small for
     them) and from the request's ring slot p mod capacity otherwise.
+
+    Index tensors that every layer of a kind builds alike (the window's key rows, the block table's
+    rows per token, the visible HCA entries) are made once per forward through `memo`.
     """
 
     def __init__(self, batch: Batch):
@@ -115,6 +118,23 @@ class StepIndex:
         self.chunk_end = self.cache_len + batch.new_len[row]  # position after the row's last new token
         self.causal = batch.causal
         self.context = batch.context
+        self._memo: dict = {}
+
+    def memo(self, key, make):
+        """make() on the first call with `key` in this forward, the same tensor afterwards."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def pages(self, block_table: torch.Tensor) -> torch.Tensor:
+        """block_table [slots, pages_per_slot] → each token's request's pages [T, pages_per_slot]."""
+        return self.memo("pages", lambda: block_table[self.slot])
+
+    def _locate(self, pos: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pos [T, J] → (from the batch? [T, J], batch row, ring row within the slot)."""
+        p = pos.clamp(min=0)
+        in_batch = p >= self.cache_len.unsqueeze(-1)
+        return in_batch, self.new_start.unsqueeze(-1) + p - self.cache_len.unsqueeze(-1), p % capacity
 
     def gather(self, batch_rows: torch.Tensor, ring: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rows at positions `pos` [T, J] of each token's request → [T, J, C].
@@ -122,11 +142,18 @@ class StepIndex:
         batch_rows [T, C] are this forward's rows; ring [slots, capacity, C] the committed ones.
         Positions outside [0, chunk_end) return arbitrary finite rows: callers mask them.
         """
-        p = pos.clamp(min=0)
-        in_batch = p >= self.cache_len.unsqueeze(-1)
-        flat = (self.new_start.unsqueeze(-1) + p - self.cache_len.unsqueeze(-1)).clamp(0, batch_rows.shape[0] - 1)
-        from_ring = ring[self.slot.unsqueeze(-1), p % ring.shape[1]]
-        return torch.where(in_batch.unsqueeze(-1), batch_rows[flat].to(ring.dtype), from_ring)
+        in_batch, flat, ring_row = self._locate(pos, ring.shape[1])
+        from_ring = ring[self.slot.unsqueeze(-1), ring_row]
+        return torch.where(in_batch.unsqueeze(-1), batch_rows[flat.clamp(0, batch_rows.shape[0] - 1)].to(ring.dtype),
+                           from_ring)
+
+    def key_rows(self, pos: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+        """Where `gather` would read positions `pos` [T, J], as rows of the pool [ring rows flattened ;
+        this forward's T rows] → int64 [T, J] (no copy of either; callers mask positions they may not read)."""
+        in_batch, flat, ring_row = self._locate(pos, ring.shape[1])
+        ring_rows = ring.shape[0] * ring.shape[1]
+        from_batch = ring_rows + flat.clamp(0, self.valid.shape[0] - 1)
+        return torch.where(in_batch, from_batch, self.slot.unsqueeze(-1) * ring.shape[1] + ring_row)
 
     def ring_write(self, ring: torch.Tensor, rows: torch.Tensor, dummy_slot: int) -> None:
         """Store this forward's rows [T, C] at ring[slot, position mod capacity].

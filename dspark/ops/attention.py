@@ -7,7 +7,10 @@ Sparse op (`sparse_sink_attention`): keys are read by index from a flat pool, so
 materialises per-query key copies.
 
     q       [T, H, D]   queries (already normed and roped), fp32 / fp16 / bf16
-    pool    [P, D]      key rows in q's dtype; the same row is the value (MQA with K = V)
+    pool    [P, D]      key rows in q's dtype; the same row is the value (MQA with K = V). A pool may
+                        be a list of up to three tensors [P_i, D], addressed as their concatenation
+                        (P = Σ P_i) without building it: the model's keys live in three places (the
+                        window ring, this forward's new rows, the paged entry pool).
     index   [T, S]      int32 / int64 pool row of slot s of query t; a slot is valid iff 0 ≤ index < P,
                         any other value (−1 by convention) masks it. Duplicates count once per slot.
     sinks   [H]         one extra logit per head, fp32, unscaled, never masked, finite
@@ -25,7 +28,8 @@ attends to the sink only and returns exactly zero, never NaN. Pool rows that no 
 
 Kernel (`_sparse_sink_attention_kernel`): one program per (query t, block of BLOCK_H heads). It keeps
 q [BLOCK_H, D] in registers and walks the query's slots in tiles of BLOCK_S in index order: gather the
-tile's key rows once ([BLOCK_S, D], masked slots read nothing) and use them for every head of the block,
+tile's key rows once ([BLOCK_S, D], masked slots read nothing; each row from the pool part that
+holds it) and use them for every head of the block,
 scores = q·kᵀ (tl.dot, fp32 accumulation), an online softmax in the log2 domain whose running max and
 denominator start at the sink (so an empty row ends as 0 / 1 = 0), then acc += p·k. Tiles with no
 valid slot are skipped (bit-exact: such a tile would rescale by exp2(0) = 1 and add zeros).
@@ -45,6 +49,7 @@ other queries are in flight, what unreferenced pool rows hold, and how many trai
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -54,18 +59,26 @@ from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_t
 _LOG2E = math.log2(math.e)
 
 
-def sparse_sink_attention_ref(q: torch.Tensor, pool: torch.Tensor, index: torch.Tensor, sinks: torch.Tensor,
-                              scale: float) -> torch.Tensor:
+def _pool_parts(pool: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    parts = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+    check(1 <= len(parts) <= _MAX_PARTS, f"pool: 1 to {_MAX_PARTS} tensors, got {len(parts)}")
+    return parts
+
+
+def sparse_sink_attention_ref(q: torch.Tensor, pool: torch.Tensor | Sequence[torch.Tensor], index: torch.Tensor,
+                              sinks: torch.Tensor, scale: float) -> torch.Tensor:
     t, h, d = q.shape
-    p = pool.shape[0]
-    valid = (index >= 0) & (index < p)  # [T, S]
-    if p:
-        rows = torch.where(valid, index, 0).long()  # [T, S]
-        keys = pool.index_select(0, rows.flatten()).view(*rows.shape, d).float()  # [T, S, D]
-    else:
-        keys = pool.new_zeros(*index.shape, d, dtype=torch.float32)
-    # Zero masked slots before any product: a slot's stand-in row may hold NaN / inf.
-    keys = torch.where(valid.unsqueeze(-1), keys, 0.0)
+    keys = q.new_zeros(*index.shape, d, dtype=torch.float32)  # [T, S, D]
+    start = 0
+    for part in _pool_parts(pool):  # gather each part's rows; the concatenation is never built
+        n = part.shape[0]
+        mine = (index >= start) & (index < start + n)  # [T, S]
+        if n:
+            rows = torch.where(mine, index - start, 0).long()
+            # Masked slots stay zero before any product: a slot's stand-in row may hold NaN / inf.
+            keys = torch.where(mine.unsqueeze(-1), part[rows].float(), keys)
+        start += n
+    valid = (index >= 0) & (index < start)  # [T, S]
     logits = torch.einsum("thd,tsd->ths", q.float(), keys) * scale  # [T, H, S]
     logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
     sink = sinks.float().view(1, h, 1).expand(t, h, 1)  # [T, H, 1]
@@ -92,10 +105,12 @@ def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor,
 
 
 @triton.jit
-def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_p, index_ptr, stride_it, sinks_ptr,
-                                  out_ptr, H, D, S, P, qk_scale, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_p, P0, pool1_ptr, stride_p1, P1,
+                                  pool2_ptr, stride_p2, P2, index_ptr, stride_it, sinks_ptr, out_ptr, H, D, S,
+                                  qk_scale, PARTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """out[t, h] for one query t and heads h0 … h0+BLOCK_H−1; qk_scale = scale·log2(e)."""
+    """out[t, h] for one query t and heads h0 … h0+BLOCK_H−1; qk_scale = scale·log2(e). The pool is the
+    concatenation of PARTS tensors of P0, P1, P2 rows."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
@@ -111,10 +126,24 @@ def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_
     for s0 in range(0, S, BLOCK_S):  # fixed order: tiles in index order
         s = s0 + tl.arange(0, BLOCK_S)
         row = tl.load(index_ptr + t * stride_it + s, mask=s < S, other=-1).to(tl.int64)  # [BLOCK_S]
-        valid = (row >= 0) & (row < P)
+        valid = (row >= 0) & (row < P0 + P1 + P2)
         if tl.max(valid.to(tl.int32), axis=0) > 0:
-            k = tl.load(pool_ptr + row[:, None] * stride_p + d[None, :], mask=valid[:, None] & d_ok[None, :],
-                        other=0.0)  # [BLOCK_S, BLOCK_D], the tile's keys = values, read once for all heads
+            # [BLOCK_S, BLOCK_D], the tile's keys = values, read once for all heads; each row from its part
+            in0 = valid & (row < P0)
+            k = tl.load(pool_ptr + row[:, None] * stride_p + d[None, :], mask=in0[:, None] & d_ok[None, :],
+                        other=0.0)
+            if PARTS > 1:
+                r1 = row - P0
+                in1 = valid & (r1 >= 0) & (r1 < P1)
+                k1 = tl.load(pool1_ptr + r1[:, None] * stride_p1 + d[None, :], mask=in1[:, None] & d_ok[None, :],
+                             other=0.0)
+                k = tl.where(in1[:, None], k1, k)
+            if PARTS > 2:
+                r2 = row - P0 - P1
+                in2 = valid & (r2 >= 0)
+                k2 = tl.load(pool2_ptr + r2[:, None] * stride_p2 + d[None, :], mask=in2[:, None] & d_ok[None, :],
+                             other=0.0)
+                k = tl.where(in2[:, None], k2, k)
             logits = tl.where(valid[None, :], dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp2(m - m_new)
@@ -132,6 +161,7 @@ def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_
 
 _BLOCK_S = 32  # key slots per tile; untuned (no GPU measurement yet)
 _MAX_D = 1024
+_MAX_PARTS = 3
 
 
 def _config(h: int, d: int, elem_bytes: int) -> tuple[int, int, int]:
@@ -149,25 +179,29 @@ def _config(h: int, d: int, elem_bytes: int) -> tuple[int, int, int]:
 
 
 @register("sparse_sink_attention")
-def _sparse_sink_attention_triton(q: torch.Tensor, pool: torch.Tensor, index: torch.Tensor, sinks: torch.Tensor,
-                                  scale: float) -> torch.Tensor:
-    """q [T, H, D] (fp32/fp16/bf16, unit last stride), pool [P, D] (q's dtype, unit last stride), index [T, S]
-    (int32/int64, unit last stride), sinks [H] fp32 contiguous → [T, H, D] in q's dtype, contiguous.
-    Meaning: `sparse_sink_attention_ref`."""
+def _sparse_sink_attention_triton(q: torch.Tensor, pool: list[torch.Tensor], index: torch.Tensor,
+                                  sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, H, D] (fp32/fp16/bf16, unit last stride), pool 1–3 tensors [P_i, D] (q's dtype, unit last
+    stride), index [T, S] (int32/int64, unit last stride), sinks [H] fp32 contiguous → [T, H, D] in q's
+    dtype, contiguous. Meaning: `sparse_sink_attention_ref`."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, unit_last=True)
     t, h, d = (int(s) for s in q.shape)
     check(1 <= d <= _MAX_D, f"head dim {d} outside [1, {_MAX_D}]")
     dev = q.device
-    check_tensor("pool", pool, ndim=2, dtypes=(q.dtype,), device=dev, unit_last=True)
-    check(pool.shape[1] == d, f"pool: rows of {pool.shape[1]} channels, q has head dim {d}")
+    parts = _pool_parts(pool)
+    for i, part in enumerate(parts):
+        check_tensor(f"pool[{i}]", part, ndim=2, dtypes=(q.dtype,), device=dev, unit_last=True)
+        check(part.shape[1] == d, f"pool[{i}]: rows of {part.shape[1]} channels, q has head dim {d}")
     check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES, device=dev, unit_last=True)
     check(index.shape[0] == t, f"index: {index.shape[0]} rows for {t} queries")
     check_tensor("sinks", sinks, shape=(h,), dtypes=(torch.float32,), device=dev, contiguous=True)
-    s, p = int(index.shape[1]), int(pool.shape[0])
+    s = int(index.shape[1])
     out = torch.empty((t, h, d), dtype=q.dtype, device=dev)
     block_h, block_d, warps = _config(h, d, q.element_size())
-    launch(_sparse_sink_attention_kernel, (t, cdiv(h, block_h)), q, q.stride(0), q.stride(1), pool, pool.stride(0),
-           index, index.stride(0), sinks, out, h, d, s, p, float(scale) * _LOG2E, BLOCK_H=block_h,
+    padded = parts + [parts[0].new_empty(0, d)] * (_MAX_PARTS - len(parts))  # absent parts: 0 rows, never read
+    pool_args = [a for part in padded for a in (part, part.stride(0), int(part.shape[0]))]
+    launch(_sparse_sink_attention_kernel, (t, cdiv(h, block_h)), q, q.stride(0), q.stride(1), *pool_args,
+           index, index.stride(0), sinks, out, h, d, s, float(scale) * _LOG2E, PARTS=len(parts), BLOCK_H=block_h,
            BLOCK_S=_BLOCK_S, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=warps)
     return out
 
@@ -184,10 +218,11 @@ def _view(x: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
 
 
 def sparse_sink_attention(q, pool, index, sinks, scale: float, *, impl: str = "auto"):
-    """Attention of q [T, H, D] over the pool rows `index` [T, S] names → [T, H, D]; see
-    `sparse_sink_attention_ref`."""
-    if use_triton(impl, q, pool, index, sinks):
-        return _sparse_sink_attention_triton(q, pool, index, sinks, float(scale))
+    """Attention of q [T, H, D] over the pool rows `index` [T, S] names → [T, H, D]; `pool` is a tensor or a
+    list of up to three (their concatenation); see `sparse_sink_attention_ref`."""
+    parts = _pool_parts(pool)
+    if use_triton(impl, q, *parts, index, sinks):
+        return _sparse_sink_attention_triton(q, parts, index, sinks, float(scale))
     return sparse_sink_attention_ref(q, pool, index, sinks, scale)
 
 
@@ -207,6 +242,6 @@ def sink_attention(q, kv, allowed, sinks, scale: float, *, impl: str = "auto"):
     idx_dtype = torch.int32 if b * s < 2 ** 31 else torch.int64
     rows = torch.arange(b * s, dtype=idx_dtype, device=q.device).view(b, 1, s)  # [B, 1, S]
     index = torch.where(allowed, rows, -1).view(b * t, s)  # [B·T, S]
-    out = _sparse_sink_attention_triton(_view(q, (b * t, h, d), "q"), _view(kv, (b * s, d), "kv"), index, sinks,
+    out = _sparse_sink_attention_triton(_view(q, (b * t, h, d), "q"), [_view(kv, (b * s, d), "kv")], index, sinks,
                                         float(scale))
     return out.view(b, t, h, d)

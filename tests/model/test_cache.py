@@ -238,3 +238,47 @@ def test_entry_reads_stop_at_the_context_bound():
         unbounded = h.model.forward_batch(dataclasses.replace(batch, context=0), h.cache).logits
     assert_close(bounded, unbounded, atol=1e-5, rtol=0, what="bounded vs unbounded reads")
     assert_close(bounded, h.full[0][40:48], atol=ATOL, rtol=0, what="bounded reads")
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """Calling it makes every op with a Triton kernel run it (the interpreter on CPU) wherever "auto" would
+    pick one on a GPU; returns the ops modules that launched, counted."""
+    import collections
+    import importlib
+    import pkgutil
+
+    import dspark.ops
+    from dspark.ops import _launch
+
+    if not _launch.HAS_TRITON:
+        pytest.skip("needs triton")
+    launched = collections.Counter()
+
+    def enable():
+        for info in pkgutil.iter_modules(dspark.ops.__path__):
+            module = importlib.import_module(f"dspark.ops.{info.name}")
+            if hasattr(module, "use_triton"):
+                def kernels(impl, *tensors, name=info.name):
+                    use = impl != "ref" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                    launched[name] += use
+                    return use
+
+                monkeypatch.setattr(module, "use_triton", kernels)
+        return launched
+
+    return enable
+
+
+def test_cached_forward_on_the_kernels(use_kernels):
+    """The cached forward with every kernel (paged attention over [ring ; new rows ; entry pool], indexer,
+    compressor, grouped MoE, mHC) equals the reference full forward through prefill, verify and rollback."""
+    h = Harness(tiny_model(), [40, 29], seed=3)  # the full forwards run on the references
+    launched = use_kernels()
+    h.step({0: (16, 16), 1: (9, 9)}, pad=2)
+    h.step({0: (5, 2), 1: (6, 6)})
+    h.step({0: (16, 16), 1: (4, 1)}, pad=1)
+    h.prefill(0, 40, chunk=13)
+    h.prefill(1, 29, chunk=13)
+    assert h.rows_checked == 69
+    assert all(launched[name] for name in ("attention", "indexer", "compressor", "moe", "mhc")), launched

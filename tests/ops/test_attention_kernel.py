@@ -210,6 +210,21 @@ def test_dense_wrapper(seed, b, t, s, dtype, expand):
 
 
 @needs_triton
+@given(case=attention_cases(), cuts=st.lists(st.integers(0, 64), min_size=1, max_size=2), strided=st.booleans())
+def test_pool_in_parts(case, cuts, strided):
+    """A pool given as 2–3 parts (some empty, some strided) reads like their concatenation: the kernel
+    bit-identically, the reference too."""
+    q, pool, index, sinks, scale = case
+    edges = [0] + sorted(min(c, pool.shape[0]) for c in cuts) + [pool.shape[0]]
+    parts = [pool[a:b] for a, b in zip(edges, edges[1:])]
+    if strided:  # rows with a larger stride than D
+        parts = [torch.cat([x, torch.full_like(x, float("nan"))], dim=1)[:, :x.shape[1]] for x in parts]
+    assert torch.equal(sparse_sink_attention_ref(q, parts, index, sinks, scale),
+                       sparse_sink_attention_ref(q, pool, index, sinks, scale))
+    assert torch.equal(run_kernel(q, parts, index, sinks, scale), run_kernel(q, pool, index, sinks, scale))
+
+
+@needs_triton
 def test_layouts_and_validation():
     q, pool, index, sinks, scale = make_case(4, 3, 10, 6, 8, torch.float32, 0, ["valid"] * 4)
     want = sparse_sink_attention_ref(q, pool, index, sinks, scale)
@@ -230,6 +245,10 @@ def test_layouts_and_validation():
         "pool last stride": (q, pool.t().contiguous().t(), index, sinks),
         "index last stride": (q, pool, index.t().contiguous().t(), sinks),
         "q rank": (q[0], pool, index, sinks),
+        "no parts": (q, [], index, sinks),
+        "four parts": (q, [pool[:2], pool[2:4], pool[4:6], pool[6:]], index, sinks),
+        "part dtype": (q, [pool[:4], pool[4:].half()], index, sinks),
+        "part width": (q, [pool[:4], pool[4:, :9]], index, sinks),
     }
     for what, args in bad.items():
         with pytest.raises(ValueError):
@@ -269,7 +288,7 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
 def test_opcheck():
     """Schema, autograd registration, fake tensors (test_aot_dispatch_dynamic needs a GPU: see _launch.launch)."""
     q, pool, index, sinks, scale = make_case(3, 5, 9, 7, 6, torch.float32, 2, ["holes", "masked", "valid"])
-    torch.library.opcheck(torch.ops.dspark.sparse_sink_attention, (q, pool, index, sinks, scale),
+    torch.library.opcheck(torch.ops.dspark.sparse_sink_attention, (q, [pool], index, sinks, scale),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -308,4 +327,4 @@ def test_gpu_v4_shapes(dtype, h):
     dense = [x.to("cuda") if isinstance(x, torch.Tensor) else x for x in dense_case(2, 9, h, 512, 300, dtype, 0)]
     assert_close(sink_attention(*dense), sink_attention_ref(*dense),
                  **tolerance(dtype, dense[1][dense[2].any(1)]), what="dense")
-    torch.library.opcheck(torch.ops.dspark.sparse_sink_attention, (q[:3], pool, index[:3], sinks, scale))
+    torch.library.opcheck(torch.ops.dspark.sparse_sink_attention, (q[:3], [pool], index[:3], sinks, scale))
