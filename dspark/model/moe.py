@@ -28,9 +28,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor):
         """x [N, D], input_ids [N] → weights fp32 [N, K], indices int64 [N, K]."""
         if self.kind == "hash":
-            return ops.hash_route_ref(x, self.weight, self.tid2eid, input_ids, self.scoring_func, self.scaling)
-        return ops.score_route_ref(x, self.weight, self.e_score_correction_bias, self.top_k, self.scoring_func,
-                                   self.scaling)
+            return ops.hash_route(x, self.weight, self.tid2eid, input_ids, self.scoring_func, self.scaling)
+        return ops.score_route(x, self.weight, self.e_score_correction_bias, self.top_k, self.scoring_func,
+                               self.scaling)
 
 
 class Experts(nn.Module):

@@ -15,8 +15,8 @@ from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_r
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref
 from dspark.ops.rng import uniforms
 from dspark.ops.sampling import probs, probs_ref, sample, sample_logits, sample_logits_ref, sample_ref
-from dspark.ops.moe import (experts, experts_dense, experts_ref, experts_sorted, hash_route_ref, score_route_ref,
-                            swiglu_ref, topk_lowest_index)
+from dspark.ops.moe import (experts, experts_dense, experts_ref, experts_sorted, hash_route, hash_route_ref,
+                            score_route, score_route_ref, swiglu_ref, topk_lowest_index)
 
 __all__ = [
     "sink_attention", "sink_attention_ref", "sparse_sink_attention", "sparse_sink_attention_ref",
@@ -27,6 +27,7 @@ __all__ = [
     "hc_weights_collapse", "hc_weights_collapse_ref", "hc_weights_ref",
     "chain_rejection", "chain_rejection_ref", "uniforms", "probs", "probs_ref", "sample", "sample_ref",
     "sample_logits", "sample_logits_ref",
-    "experts", "experts_dense", "experts_ref", "experts_sorted", "hash_route_ref", "score_route_ref", "swiglu_ref",
+    "experts", "experts_dense", "experts_ref", "experts_sorted", "hash_route", "hash_route_ref", "score_route",
+    "score_route_ref", "swiglu_ref",
     "topk_lowest_index",
 ]

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import torch
 
-from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
-                                triton, use_triton)
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, order_key,
+                                register, tl, triton, use_triton)
 from dspark.ops.moe import topk_lowest_index
 
 
@@ -92,15 +92,6 @@ def _to_dot(x, DOT: tl.constexpr):
 
 
 @triton.jit
-def _order_key(x):
-    """fp32 → int64 key whose order is the float order, −0.0 = +0.0, every NaN above +inf (key 2^31 − 1)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    key = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return tl.where(x != x, 2147483647, key).to(tl.int64)
-
-
-@triton.jit
 def _kth_key(row_ptr, v, n_sel, lo, hi, BLOCK_S: tl.constexpr, NCAND: tl.constexpr):
     """Largest key κ with #{w < v : key_w ≥ κ} ≥ n_sel, given lo (satisfies it) < hi (does not), and the
     count above it, #{w < v : key_w > κ}. Each pass counts the visible keys ≥ NCAND evenly spaced
@@ -114,7 +105,7 @@ def _kth_key(row_ptr, v, n_sel, lo, hi, BLOCK_S: tl.constexpr, NCAND: tl.constex
         for s0 in range(0, v, BLOCK_S):
             offs = s0 + tl.arange(0, BLOCK_S)
             ok = offs < v
-            key = _order_key(tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+            key = order_key(tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32))
             acc += tl.sum(((key[:, None] >= cand[None, :]) & ok[:, None]).to(tl.int64), axis=0)
         fails = acc < n_sel  # counts fall as candidates rise: the failing ones form a suffix
         new_hi = tl.min(tl.where(fails, cand, hi), axis=0)
@@ -168,7 +159,7 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
             tl.store(s_row + ent, s, mask=ent_ok)
             if SELECT:
                 vis = ent < v
-                key = _order_key(s)
+                key = order_key(s)
                 kmin = tl.minimum(kmin, tl.min(tl.where(vis, key, 2147483647), axis=0))
                 kmax = tl.maximum(kmax, tl.max(tl.where(vis, key, -2147483648), axis=0))
         if SELECT:
@@ -177,7 +168,7 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
         for s0 in range(0, v, BLOCK_S):
             offs = s0 + tl.arange(0, BLOCK_S)
             vis = offs < v
-            key = _order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
+            key = order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
             kmin = tl.minimum(kmin, tl.min(tl.where(vis, key, 2147483647), axis=0))
             kmax = tl.maximum(kmax, tl.max(tl.where(vis, key, -2147483648), axis=0))
 
@@ -195,7 +186,7 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
         for s0 in range(0, v, BLOCK_S):  # compaction, in index order
             offs = s0 + tl.arange(0, BLOCK_S)
             vis = offs < v
-            key = _order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
+            key = order_key(tl.load(s_row + offs, mask=vis, other=0.0).to(tl.float32))
             eq = (vis & (key == kappa)).to(tl.int64)
             tie_rank = ties + tl.cumsum(eq, axis=0) - eq
             sel = ((vis & (key > kappa)) | ((eq > 0) & (tie_rank < need))).to(tl.int64)

@@ -20,6 +20,21 @@ gate/up GEMM with the SwiGLU fused and one down GEMM per tile of BLOCK_M slots o
 slot's result written at its own position and combined over its K slots in slot order (no atomics).
 Every expert's weights are read once per tile of its slots, so at decode (a few slots per expert) the
 weight stream is the cost. On CPU `experts_dense` or the reference, whichever is faster for the shape.
+
+Router (`score_route`, `hash_route`): on CUDA one kernel, `_route_kernel`, with HASH a constexpr; one
+program per BLOCK_T = 16 tokens holds their [16, E] logits (a tl.dot over D with fp32 accumulation, whole
+D per program: no split-K, no atomics; tile sizes from E and D only, so a token's result does not depend
+on the rest of the batch). Roundings follow the reference op by op on CUDA: logits to the model dtype (as
+F.linear's output), softplus, sqrt or sigmoid each in fp32 (libdevice exp / log1p, IEEE sqrt and divide,
+as torch's CUDA ops) and rounded to the model dtype; bias added in fp32. Selection is K rounds of "max
+biased score, lowest index among equals" over int order keys (exact; NaN ranks above +inf and −0.0 equals
++0.0, as torch's stable descending sort), so ties resolve exactly as `topk_lowest_index`. Hash routing
+reads its K experts from tid2eid[input_ids] instead (−1 → weight 0). Unchecked, as that would need a host
+read: ids must index tid2eid (the kernel would read out of bounds) and entries must be < E or −1 (the
+reference raises; the kernel gives an entry ≥ E weight 0). Weights are renormalised and scaled in fp32.
+NOTE: bf16 is for the GPU; the interpreter's fp32 → bf16 conversion truncates.
+TODO(#7): at decode one program reads all of gate_w (E·D elements) on one SM; splitting E across programs
+needs a second pass for the top-k. Measure first.
 """
 
 from __future__ import annotations
@@ -27,8 +42,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, cdiv, check, check_tensor, dot, launch, register, tl,
-                                triton, use_triton)
+from dspark.ops._launch import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, cdiv, check, check_tensor, dot, launch,
+                                next_pow2, order_key, register, tl, triton, use_triton)
+
+if HAS_TRITON:
+    from triton.language.extra import libdevice
+
+SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
 
 
 def router_scores_ref(x: torch.Tensor, gate_w: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -64,6 +84,173 @@ def hash_route_ref(x, gate_w, tid2eid, input_ids, scoring_func: str, scaling: fl
     scores = router_scores_ref(x, gate_w, scoring_func)
     indices = tid2eid[input_ids].long()
     return route_ref(scores, indices, scaling), indices
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router kernel: scores, correction bias, top-k (or hash table), renormalised weights.
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    """exp in fp32: libdevice's, the CUDA math library's expf that torch's CUDA ops call (tl.exp is an ex2
+    approximation). The interpreter has no libdevice: there numpy's exp."""
+    if LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log1p(z, LIBDEVICE: tl.constexpr):
+    """log(1 + z) in fp32, accurate for small z; the interpreter's form is u = 1 + z, log(u)·z / (u − 1)."""
+    if LIBDEVICE:
+        y = libdevice.log1p(z)
+    else:
+        u = 1.0 + z
+        y = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))  # no 0 · inf
+    return y
+
+
+@triton.jit
+def _route_kernel(x_ptr, stride_x, w_ptr, stride_w, bias_ptr, stride_bias, ids_ptr, stride_ids, table_ptr, stride_tv,
+                  stride_tk, weights_ptr, indices_ptr, N, E, D, scaling, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SQRTSOFTPLUS: tl.constexpr,
+                  HASH: tl.constexpr, IEEE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < N
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):  # whole D in one program, in order: batch invariant
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xs = tl.load(x_ptr + t[:, None] * stride_x + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        ws = tl.load(w_ptr + e[None, :] * stride_w + d[:, None], mask=d_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += dot(xs, ws, IEEE)  # [BLOCK_T, BLOCK_E]
+    # Each op's result rounds to the model dtype, as the reference's F.linear / softplus / sqrt / sigmoid.
+    dt = x_ptr.dtype.element_ty
+    logit = acc.to(dt).to(tl.float32)
+    if SQRTSOFTPLUS:
+        big = logit > 20.0  # torch's threshold: softplus(l) = l there; exp(0) keeps exp from overflowing
+        sp = tl.where(big, logit, _log1p(_exp(tl.where(big, 0.0, logit), LIBDEVICE), LIBDEVICE))
+        s = tl.sqrt_rn(sp.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    else:
+        s = tl.div_rn(tl.full((BLOCK_T, BLOCK_E), 1.0, tl.float32), 1.0 + _exp(-logit, LIBDEVICE))
+        s = s.to(dt).to(tl.float32)
+    if not HASH:
+        bias = tl.load(bias_ptr + e * stride_bias, mask=e_ok, other=0.0).to(tl.float32)
+        # Padding experts and taken ones get a key below every float's (-2^40); K ≤ E keeps them unpicked.
+        key = tl.where(e_ok[None, :], order_key(s + bias[None, :]), -1099511627776)
+    else:
+        ids = tl.load(ids_ptr + t * stride_ids, mask=t_ok, other=0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
+    picked = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        if HASH:
+            pick = tl.load(table_ptr + ids * stride_tv + j * stride_tk, mask=t_ok, other=0).to(tl.int64)
+        else:
+            best = tl.max(key, axis=1)
+            pick = tl.min(tl.where(key == best[:, None], e[None, :], BLOCK_E), axis=1).to(tl.int64)  # lowest index
+        hit = (e[None, :] == pick[:, None]) & e_ok[None, :]  # one-hot, or empty for −1 (or a bad entry ≥ E)
+        if not HASH:
+            key = tl.where(hit, -1099511627776, key)
+        s_j = tl.sum(tl.where(hit, s, 0.0), axis=1)  # exact: the hit plus zeros
+        total += s_j  # slot order
+        idx = tl.where(kk[None, :] == j, pick[:, None], idx)
+        picked = tl.where(kk[None, :] == j, s_j[:, None], picked)
+    # div_rn: IEEE division, as torch's (Triton's `/` need not round to nearest); it does not broadcast.
+    w = tl.div_rn(picked, tl.broadcast_to(total[:, None] + 1e-20, (BLOCK_T, BLOCK_K))) * scaling
+    out = t[:, None] * K + kk[None, :]
+    ok = t_ok[:, None] & (kk[None, :] < K)
+    tl.store(weights_ptr + out, w, mask=ok)
+    tl.store(indices_ptr + out, idx, mask=ok)
+
+
+_ROUTE_BLOCK_T = 16  # tokens per program: tl.dot's smallest M; fixed, never chosen from N (batch invariance)
+_ROUTE_MAX_E = 1024  # the [BLOCK_T, BLOCK_E] logits, scores and int64 keys live in registers
+
+
+def _route_config(e: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_E, BLOCK_D, num_warps) from E and D only (batch invariance); the gate_w tile [BLOCK_D, BLOCK_E]
+    stays ≤ 8k elements. Untuned (no GPU measurement yet)."""
+    block_e = max(16, next_pow2(e))
+    block_d = max(16, min(64, 8192 // block_e, next_pow2(d)))
+    return block_e, block_d, 8 if block_e >= 256 else 4
+
+
+def _check_router(x, gate_w, scoring_func):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, unit_last=True)
+    n, d = (int(v) for v in x.shape)
+    check_tensor("gate_w", gate_w, ndim=2, dtypes=(x.dtype,), device=x.device, unit_last=True)
+    num_experts = int(gate_w.shape[0])
+    check(gate_w.shape[1] == d, f"gate_w: expected [E, D={d}], got {tuple(gate_w.shape)}")
+    check(1 <= num_experts <= _ROUTE_MAX_E, f"gate_w: {num_experts} experts outside [1, {_ROUTE_MAX_E}]")
+    check(scoring_func in SCORING_FUNCS, f"unknown scoring_func {scoring_func!r}; expected one of {SCORING_FUNCS}")
+    return n, d, num_experts
+
+
+def _launch_route(x, gate_w, bias, input_ids, tid2eid, k, scoring_func, scaling, *, hashed):
+    n, d = (int(v) for v in x.shape)
+    num_experts = int(gate_w.shape[0])
+    weights = torch.empty((n, k), dtype=torch.float32, device=x.device)
+    indices = torch.empty((n, k), dtype=torch.long, device=x.device)
+    if k == 0:
+        return weights, indices
+    block_e, block_d, warps = _route_config(num_experts, d)
+    if hashed:  # stand in for the unused bias with an input (never dereferenced)
+        bias, bias_stride = x, 0
+        ids_stride, tv_stride, tk_stride = input_ids.stride(0), tid2eid.stride(0), tid2eid.stride(1)
+    else:
+        bias_stride = bias.stride(0)
+        input_ids = tid2eid = x
+        ids_stride = tv_stride = tk_stride = 0
+    launch(_route_kernel, (cdiv(n, _ROUTE_BLOCK_T),), x, x.stride(0), gate_w, gate_w.stride(0), bias, bias_stride,
+           input_ids, ids_stride, tid2eid, tv_stride, tk_stride, weights, indices, n, num_experts, d, float(scaling),
+           K=k, BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_K=next_pow2(k),
+           SQRTSOFTPLUS=scoring_func == "sqrtsoftplus", HASH=hashed, IEEE=x.dtype == torch.float32,
+           LIBDEVICE=x.is_cuda, num_warps=warps)
+    return weights, indices
+
+
+@register("score_route")
+def _score_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: str,
+                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] (fp32/fp16/bf16, unit last stride), gate_w [E, D] (x's dtype, unit last stride), bias [E]
+    (float, any stride), 0 ≤ k ≤ E → (weights [N, k] fp32, indices [N, k] int64), contiguous.
+    Meaning: `score_route_ref`."""
+    n, d, num_experts = _check_router(x, gate_w, scoring_func)
+    check_tensor("bias", bias, shape=(num_experts,), dtypes=FLOAT_DTYPES, device=x.device)
+    check(isinstance(k, int) and 0 <= k <= num_experts, f"k must be an int in [0, E={num_experts}], got {k!r}")
+    return _launch_route(x, gate_w, bias, None, None, k, scoring_func, scaling, hashed=False)
+
+
+@register("hash_route")
+def _hash_route_triton(x: torch.Tensor, gate_w: torch.Tensor, tid2eid: torch.Tensor, input_ids: torch.Tensor,
+                       scoring_func: str, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] and gate_w [E, D] as `_score_route_triton`; tid2eid [V, K] and input_ids [N] int32/int64 (any
+    strides) → (weights [N, K] fp32, indices [N, K] int64), contiguous. Meaning: `hash_route_ref`."""
+    n, d, num_experts = _check_router(x, gate_w, scoring_func)
+    check_tensor("tid2eid", tid2eid, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    check_tensor("input_ids", input_ids, shape=(n,), dtypes=INDEX_DTYPES, device=x.device)
+    return _launch_route(x, gate_w, None, input_ids, tid2eid, int(tid2eid.shape[1]), scoring_func, scaling,
+                         hashed=True)
+
+
+def score_route(x, gate_w, bias, k: int, scoring_func: str, scaling: float, *, impl: str = "auto"):
+    """Score routing → (weights fp32 [N, K], indices int64 [N, K]); see `score_route_ref`."""
+    if use_triton(impl, x, gate_w, bias):
+        return _score_route_triton(x, gate_w, bias, int(k), scoring_func, float(scaling))
+    return score_route_ref(x, gate_w, bias, k, scoring_func, scaling)
+
+
+def hash_route(x, gate_w, tid2eid, input_ids, scoring_func: str, scaling: float, *, impl: str = "auto"):
+    """Hash routing → (weights fp32 [N, K], indices int64 [N, K]); see `hash_route_ref`."""
+    if use_triton(impl, x, gate_w, tid2eid, input_ids):
+        return _hash_route_triton(x, gate_w, tid2eid, input_ids, scoring_func, float(scaling))
+    return hash_route_ref(x, gate_w, tid2eid, input_ids, scoring_func, scaling)
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
