@@ -20,7 +20,7 @@ from dspark.simulate import CostTable
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 COMPONENTS = {"verify", "attention.sliding", "attention.csa", "attention.hca", "moe.hash", "moe.score", "mhc",
               "mtp.block", "lm_head", "sampler", "sampler.filtered", "draft.context", "draft.stage", "draft.pass",
-              "markov_step", "rejection", "rejection.g1", "rejection.g0"}
+              "markov_step", "markov_step.unfused", "rejection", "rejection.g1", "rejection.g0"}
 POLICIES = {"ar", "mtp-1", "dspark-fixed", "dspark-hardware"}
 
 

@@ -23,7 +23,8 @@ Steps, in this order:
        draft.stage                   one DSpark stage over R blocks of γ tokens (unit: requests)
        draft.pass                    the whole DSpark draft of R requests: all stages, LM head,
                                      Markov sampling loop, confidence (unit: requests)
-       markov_step                   one Markov slot: W1 gather, W2 GEMV, add, probs, sample (rows)
+       markov_step                   one Markov slot: W1 gather, W2 GEMV + add, sample (rows), as the draft runs it
+       markov_step.unfused           the same slot as three ops (markov_logits, probs, sample): the fusion's baseline
        rejection[.g1|.g0]            chain rejection sampling of R requests, γ = block / 1 / 0
      A component that does not fit (no such layer, out of memory, an API error, the time budget)
      is kept with the reason instead of a time.
@@ -539,7 +540,7 @@ class Bench:
         u = self.rand(r, self.gamma)
         return lambda: self.draft.draft_block(block_ids, block_pos, context, valid, anchor, temp, None, None, u)
 
-    def markov_step(self):
+    def markov_step(self, fused: bool):
         def make(r):
             logits = self.randn(r, self.cfg.vocab_size, dtype=torch.float32, scale=3.0)
             prev, h = self.ids(r), self.randn(r, self.cfg.hidden_size, dtype=torch.float32)
@@ -547,10 +548,13 @@ class Bench:
             u = self.rand(r)
 
             def fn():
-                corrected, _ = self.draft.markov_logits(logits, prev, h)
+                if fused:  # what the block sampler runs: ops.markov_sample
+                    return self.draft.markov_sample(logits, prev, h, temp, None, None, u)[1]
+                corrected, _ = self.draft.markov_logits(logits, prev, h)  # the three-launch baseline
                 return ops.sample(ops.probs(corrected, temp, None, None), u)
             return fn
-        return make, f"rank {self.args.markov_rank}; the draft runs γ of these in sequence"
+        how = "fused (ops.markov_sample)" if fused else "unfused baseline: markov_logits, probs, sample"
+        return make, f"rank {self.args.markov_rank}, {how}; the draft runs γ of these in sequence"
 
     def rejection(self, gamma: int):
         v = self.cfg.vocab_size
@@ -583,7 +587,8 @@ def time_components(bench: Bench, report: Report, args) -> None:
              ("sampler", "tokens", lambda: bench.sampler(False)),
              ("sampler.filtered", "tokens", lambda: bench.sampler(True)),
              ("draft.context", "tokens", bench.draft_context), ("draft.stage", "requests", bench.draft_stage),
-             ("draft.pass", "requests", bench.draft_pass), ("markov_step", "requests", bench.markov_step),
+             ("draft.pass", "requests", bench.draft_pass), ("markov_step", "requests", lambda: bench.markov_step(True)),
+             ("markov_step.unfused", "requests", lambda: bench.markov_step(False)),
              ("rejection", "requests", lambda: bench.rejection(bench.gamma)),
              ("rejection.g1", "requests", lambda: bench.rejection(1)),
              ("rejection.g0", "requests", lambda: bench.rejection(0))]

@@ -87,6 +87,19 @@ class BlockHeads:
         x, state = self.markov_head.step(prev, h, state)
         return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight), state
 
+    def markov_sample(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor, temperature: torch.Tensor,
+                      top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor,
+                      state: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One slot of the block sampler in one op: `markov_logits`' arguments plus the sampling parameters
+        and u [R] → (Ũ [R, V] fp32, token [R] int64 = sample(probs(Ũ, ...), u), new state)."""
+        if self.markov_head is None:
+            return logits, ops.sample(ops.probs(logits, temperature, top_k, top_p), u), state
+        x, state = self.markov_head.step(prev, h, state)
+        corrected, token = ops.markov_sample(logits, x, self.markov_head.markov_w2.weight, temperature, top_k, top_p,
+                                             u)
+        return corrected, token, state
+
     def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Teacher-forced block: U [..., γ, V], prev [..., γ] (slot i: the token at p+i), h [..., γ, d]
         → Ũ [..., γ, V] fp32."""
@@ -113,8 +126,9 @@ class BlockHeads:
         → (tokens [R, γ], Ũ [R, γ, V] fp32, confidence logits [R, γ] fp32 or None).
 
         Slot i's Ũ uses prev = the anchor (i = 0) or the token sampled at slot i−1, and its token is
-        drawn with `ops.sample(ops.probs(Ũ_i, ...), u[:, i])`, so q_i = probs(Ũ_i) is exactly the
-        distribution the token came from. Temperature 0 is the argmax (lowest index on ties).
+        `ops.sample(ops.probs(Ũ_i, ...), u[:, i])` (one fused `ops.markov_sample` per slot), so
+        q_i = probs(Ũ_i) is exactly the distribution the token came from. Temperature 0 is the argmax
+        (lowest index on ties).
         Confidence i sees h_i (or `h_confidence`, e.g. V4's pre-norm state) and prev_i, never the token
         of slot i. Without a Markov head the slots are independent and Ũ = U.
         """
@@ -129,8 +143,8 @@ class BlockHeads:
         else:
             prev, state, rows_out, drawn = anchor, None, [], []
             for i in range(g):
-                corrected_i, state = self.markov_logits(logits[:, i], prev, h[:, i], state)
-                prev = ops.sample(ops.probs(corrected_i, temperature, top_k, top_p), u[:, i])
+                corrected_i, prev, state = self.markov_sample(logits[:, i], prev, h[:, i], temperature, top_k, top_p,
+                                                              u[:, i], state)
                 rows_out.append(corrected_i)
                 drawn.append(prev)
             tokens, corrected = torch.stack(drawn, dim=1), torch.stack(rows_out, dim=1)

@@ -9,7 +9,7 @@ from dspark.ops.attention import sink_attention, sink_attention_ref, sparse_sink
 from dspark.ops.compressor import compress_windows, compress_windows_ref
 from dspark.ops.indexer import (indexer_scores, indexer_scores_ref, indexer_select, indexer_select_ref, indexer_topk,
                                 indexer_topk_ref)
-from dspark.ops.markov import markov_logits, markov_logits_ref
+from dspark.ops.markov import markov_logits, markov_logits_ref, markov_sample, markov_sample_ref
 from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_ref, hc_head, hc_head_ref, hc_weights,
                             hc_weights_collapse, hc_weights_collapse_ref, hc_weights_ref)
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref
@@ -22,7 +22,7 @@ __all__ = [
     "sink_attention", "sink_attention_ref", "sparse_sink_attention", "sparse_sink_attention_ref",
     "compress_windows", "compress_windows_ref",
     "indexer_scores", "indexer_scores_ref", "indexer_select", "indexer_select_ref", "indexer_topk", "indexer_topk_ref",
-    "markov_logits", "markov_logits_ref",
+    "markov_logits", "markov_logits_ref", "markov_sample", "markov_sample_ref",
     "hc_collapse", "hc_collapse_ref", "hc_expand", "hc_expand_ref", "hc_head", "hc_head_ref", "hc_weights",
     "hc_weights_collapse", "hc_weights_collapse_ref", "hc_weights_ref",
     "chain_rejection", "chain_rejection_ref", "uniforms", "probs", "probs_ref", "sample", "sample_ref",

@@ -47,10 +47,12 @@ value (a row of −inf gives NaN probabilities, as softmax would); V < 2^23; pro
 `sample` are non-negative and finite.
 
 Kernels: `_sampling_kernel` is one body for `probs` (FROM_LOGITS, WRITE_PROBS), `sample_logits`
-(FROM_LOGITS, SAMPLE) and `sample` (SAMPLE on a probability row); one program per row. The top-k and
-top-p thresholds are found without sorting: an NCAND-way search over the int32 order keys of the
-logits, each pass counting tokens (top-k) or summing integer weights (top-p) above NCAND candidate
-keys; it ends on the exact key of the k-th / crossing token, ties included. Passes over V per row:
+(FROM_LOGITS, SAMPLE) and `sample` (SAMPLE on a probability row); one program per row. Its per-row
+body is the @jit function `_sample_row`, which ops/markov.py's finish kernel also runs, one program per
+row (HAS_MAX: the row max and argmax come from the Markov tile kernel's partials).
+The top-k and top-p thresholds are found without sorting: an NCAND-way search over the int32 order
+keys of the logits, each pass counting tokens (top-k) or summing integer weights (top-p) above NCAND
+candidate keys; it ends on the exact key of the k-th / crossing token, ties included. Passes over V per row:
 1 (max) + ≤9 (top-k) + 1 + ≤9 (top-p) + 1 + the write / sample passes.
 TODO(#7): a radix histogram (8 bits per pass) would cut the search to ≤4 passes each; measure first.
 """
@@ -273,9 +275,8 @@ def _kept_mass(row_ptr, V, m, c, thr, F: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
-    """One row's filter → (m, c, thr, inv, arg): the max logit, log2(e)/t, the threshold key (keep key ≥ thr),
-    1 / Σ kept W in fp64, and the lowest argmax (used by greedy rows, t ≤ 0, which skip the rest)."""
+def _row_max(row_ptr, V, BLOCK_V: tl.constexpr):
+    """One pass → (m, arg): the row's max logit (−0.0 read as +0.0) and its lowest index."""
     best = tl.full([BLOCK_V], -float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_V], dtype=tl.int32)
     for start in range(0, V, BLOCK_V):
@@ -286,9 +287,15 @@ def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, 
         best_i = tl.where(better, offs, best_i)
     m = tl.max(best, axis=0)
     arg = tl.min(tl.where(best == m, best_i, V), axis=0)
+    return m, arg
+
+
+@triton.jit
+def _row_filter(row_ptr, V, m, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
+    """Given the row max m → (c, thr, inv): log2(e)/t, the threshold key (keep key ≥ thr) and 1 / Σ kept W
+    in fp64. Greedy rows (t ≤ 0) skip the searches and the mass passes."""
     _, m_key = _canon_key(m)
     m_key = m_key.to(tl.int64)
-
     greedy = t <= 0.0
     c = tl.minimum(tl.math.div_rn(tl.full([], 1.4426950216293335, tl.float32), tl.where(greedy, 1.0, t)),
                    1.2676506002282294e30)
@@ -303,24 +310,32 @@ def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, 
             thr = _key_search(row_ptr, V, m, c, k, ps, thr, thr - 1, m_key, F, BLOCK_V, NCAND, True)
             s = _kept_mass(row_ptr, V, m, c, thr, F, BLOCK_V)
         inv = 1.0 / s.to(tl.float64)
+    return c, thr, inv
+
+
+@triton.jit
+def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
+    """One row's filter → (m, c, thr, inv, arg): the max logit, log2(e)/t, the threshold key (keep key ≥ thr),
+    1 / Σ kept W in fp64, and the lowest argmax (used by greedy rows, t ≤ 0, which skip the rest)."""
+    m, arg = _row_max(row_ptr, V, BLOCK_V)
+    c, thr, inv = _row_filter(row_ptr, V, m, t, k, top_p, F, BLOCK_V, NCAND)
     return m, c, thr, inv, arg
 
 
 @triton.jit
-def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, stride_k, top_p_ptr, stride_p,
-                     u_ptr, stride_u, probs_ptr, tokens_ptr, V, F: tl.constexpr, BLOCK_V: tl.constexpr,
-                     NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, WRITE_PROBS: tl.constexpr,
-                     SAMPLE: tl.constexpr):
-    """One row per program. FROM_LOGITS: src is logits, filter it (and WRITE_PROBS and / or SAMPLE);
-    else src is a probability row to SAMPLE from."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = src_ptr + row * stride_src
+def _sample_row(row_ptr, V, t, k, top_p, u, m, arg, probs_row_ptr, token_ptr, F: tl.constexpr,
+                BLOCK_V: tl.constexpr, NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_MAX: tl.constexpr,
+                WRITE_PROBS: tl.constexpr, SAMPLE: tl.constexpr):
+    """The per-row body shared by `_sampling_kernel` and ops/markov.py's finish kernel. FROM_LOGITS: row_ptr
+    holds logits, filtered with (t, k, top_p), then WRITE_PROBS to probs_row_ptr and / or SAMPLE with the
+    uniform u into token_ptr; HAS_MAX: m and arg (the row max, −0.0 as +0.0, and its lowest index) come from
+    the caller, saving the max pass. Else row_ptr is a probability row to SAMPLE from (t, k, top_p, m, arg
+    unused)."""
     lanes = tl.arange(0, BLOCK_V)
     if FROM_LOGITS:
-        t = tl.load(temperature_ptr + row * stride_t)
-        k = tl.load(top_k_ptr + row * stride_k).to(tl.int64)
-        top_p = tl.load(top_p_ptr + row * stride_p)
-        m, c, thr, inv, arg = _row_stats(row_ptr, V, t, k, top_p, F, BLOCK_V, NCAND)
+        if not HAS_MAX:
+            m, arg = _row_max(row_ptr, V, BLOCK_V)
+        c, thr, inv = _row_filter(row_ptr, V, m, t, k, top_p, F, BLOCK_V, NCAND)
         greedy = t <= 0.0
         # W(max token) = 2^F exactly, so the row maximum of probs is known without a pass.
         pmax = tl.where(greedy, 1.0, (inv * (2.0 ** F)).to(tl.float32))
@@ -344,13 +359,12 @@ def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, 
         else:
             p = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         if WRITE_PROBS:
-            tl.store(probs_ptr + row * V + offs, p, mask=inside)
+            tl.store(probs_row_ptr + offs, p, mask=inside)
         if SAMPLE:
             total_v += tl.where(inside, (p.to(tl.float64) * scale).to(tl.int64), 0)
             last_v = tl.maximum(last_v, tl.where(inside & (p > 0.0), offs, -1))
 
     if SAMPLE:
-        u = tl.load(u_ptr + row * stride_u)
         theta = u.to(tl.float64) * tl.sum(total_v, axis=0).to(tl.float64)
         carry = tl.zeros([], dtype=tl.int64)
         found = tl.full([], V, tl.int32)
@@ -368,7 +382,29 @@ def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, 
             carry += tl.sum(w, axis=0)
         last = tl.max(last_v, axis=0)
         token = tl.where(found < V, found, tl.maximum(last, 0))
-        tl.store(tokens_ptr + row, token.to(tl.int64))
+        tl.store(token_ptr, token.to(tl.int64))
+
+
+@triton.jit
+def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, stride_k, top_p_ptr, stride_p,
+                     u_ptr, stride_u, probs_ptr, tokens_ptr, V, F: tl.constexpr, BLOCK_V: tl.constexpr,
+                     NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, WRITE_PROBS: tl.constexpr,
+                     SAMPLE: tl.constexpr):
+    """One row per program (`_sample_row`). FROM_LOGITS: src is logits, filter it (and WRITE_PROBS and / or
+    SAMPLE); else src is a probability row to SAMPLE from."""
+    row = tl.program_id(0).to(tl.int64)
+    t = 1.0  # t, k, top_p, u: placeholders for the flags that never read them
+    k = 0
+    top_p = 1.0
+    if FROM_LOGITS:
+        t = tl.load(temperature_ptr + row * stride_t)
+        k = tl.load(top_k_ptr + row * stride_k).to(tl.int64)
+        top_p = tl.load(top_p_ptr + row * stride_p)
+    u = 0.0
+    if SAMPLE:
+        u = tl.load(u_ptr + row * stride_u)
+    _sample_row(src_ptr + row * stride_src, V, t, k, top_p, u, 0.0, 0, probs_ptr + row * V, tokens_ptr + row, F,
+                BLOCK_V, NCAND, FROM_LOGITS, False, WRITE_PROBS, SAMPLE)
 
 
 # ----------------------------------------------------------------------------------------------------
