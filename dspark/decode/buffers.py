@@ -22,8 +22,10 @@ class SlotState:
     offset: torch.Tensor  # [R] int64: uniforms drawn so far (see dspark.ops.rng)
     stop_tokens: torch.Tensor  # [R, S] int64, padded with −1
     decoding: torch.Tensor  # [R] bool: the slot takes part in this round (set by the host loop)
-    # Host-side, per slot: whether its request uses top-k / top-p. When no slot does, `sampling()`
-    # passes None for that filter and the CPU reference skips its vocabulary sort.
+    # Host-side, per slot: whether its request samples (temperature > 0) and uses top-k / top-p. When
+    # no slot does, `sampling()` passes None there and the CPU reference skips the work: the integer
+    # weights when every request is greedy, the vocabulary sort when no request filters.
+    samples: list[bool] = field(default_factory=list)
     uses_top_k: list[bool] = field(default_factory=list)
     uses_top_p: list[bool] = field(default_factory=list)
     # Host-side, per round: every position the round touches is below it (0 = unknown); see
@@ -38,7 +40,8 @@ class SlotState:
         return cls(anchor=zeros(torch.long), temperature=zeros(torch.float32), top_k=zeros(torch.long),
                    top_p=torch.ones(max_batch, device=device), seed=zeros(torch.long), offset=zeros(torch.long),
                    stop_tokens=torch.full((max_batch, max_stop_tokens), -1, dtype=torch.long, device=device),
-                   decoding=zeros(torch.bool), uses_top_k=[False] * max_batch, uses_top_p=[False] * max_batch)
+                   decoding=zeros(torch.bool), samples=[False] * max_batch, uses_top_k=[False] * max_batch,
+                   uses_top_p=[False] * max_batch)
 
     def assign(self, slot: int, params: SamplingParams, seed: int, stop_tokens: tuple[int, ...]) -> None:
         """Host-side: load a request's parameters into its row (before its first step)."""
@@ -47,6 +50,7 @@ class SlotState:
         self.temperature[slot] = params.temperature
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
+        self.samples[slot] = params.temperature > 0
         self.uses_top_k[slot], self.uses_top_p[slot] = params.top_k > 0, params.top_p < 1
         self.seed[slot] = seed
         self.offset[slot] = 0
@@ -55,10 +59,10 @@ class SlotState:
             self.stop_tokens[slot, : len(stop_tokens)] = torch.tensor(stop_tokens, device=self.stop_tokens.device)
 
     def release(self, slot: int) -> None:
-        """Host-side: the slot's request is done; its filters no longer count."""
-        self.uses_top_k[slot] = self.uses_top_p[slot] = False
+        """Host-side: the slot's request is done; its parameters no longer count."""
+        self.samples[slot] = self.uses_top_k[slot] = self.uses_top_p[slot] = False
 
-    def sampling(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(temperature, top_k, top_p) rows for the sampling ops; a filter no slot uses is None."""
-        return (self.temperature, self.top_k if any(self.uses_top_k) else None,
+    def sampling(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(temperature, top_k, top_p) rows for the sampling ops; None: every slot greedy / a filter no slot uses."""
+        return (self.temperature if any(self.samples) else None, self.top_k if any(self.uses_top_k) else None,
                 self.top_p if any(self.uses_top_p) else None)

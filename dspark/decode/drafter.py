@@ -7,8 +7,8 @@ committed after every forward so that its context grows and rolls back with the 
     observe(out, batch, next_ids, last_row, ready)
 
 `Proposal.logits` define the draft distribution: the tokens must have been drawn from
-`ops.probs(logits, *slots.sampling())` — the slot's temperature / top-k / top-p, a filter no slot
-uses being None — (or be a deterministic choice reported as a one-hot, which is equally lossless),
+`ops.probs(logits, *slots.sampling())` — the slot's temperature / top-k / top-p, None where no slot
+samples / filters — (or be a deterministic choice reported as a one-hot, which is equally lossless),
 because rejection sampling recomputes q from them.
 `observe` gets the target forward's output and batch with `valid` narrowed to the rows that are
 now committed; `next_ids` [T] is the token that follows each row (the anchor for the last row),

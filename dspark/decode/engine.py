@@ -307,8 +307,9 @@ class Engine:
         else:
             plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=bucket, schedule=self._schedule,
                              tracker=self.tracker)
-        # What the captured work depends on besides the bucket: the filters in use, the context bound.
-        shape = (tuple(f is None for f in self.slots.sampling()[1:]), self.slots.context)
+        # What the captured work depends on besides the bucket: the sampling parameters in use (greedy
+        # only? filters?), the context bound.
+        shape = (tuple(f is None for f in self.slots.sampling()), self.slots.context)
         target, cache, drafter, slots = self.target, self.cache, self.drafter, self.slots
         if self.scheduler in ("fixed", "async"):  # the bucket is known before drafting
             round_ = lambda: decode_round(target, cache, drafter, slots, plan)  # noqa: E731

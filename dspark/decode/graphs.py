@@ -7,8 +7,8 @@ place (tests/decode/test_graph_safe.py), and the host passes a round's inputs on
 buffers here (tests/decode/test_graphs.py, with `emulate=True`).
 
 A graph is keyed by everything that changes the captured work: the flat verify bucket, which sampling
-filters any slot uses (`SlotState.sampling` skips unused ones), and the half of the round (whole
-round, draft + schedule, or verify). Each key runs eagerly the first time it is met (Triton compiles,
+parameters any slot uses (`SlotState.sampling` passes None for a temperature when every slot is greedy
+and for filters no slot uses), and the half of the round (whole round, draft + schedule, or verify). Each key runs eagerly the first time it is met (Triton compiles,
 libraries initialise, lazily allocated state appears), is captured the second time and replayed from
 then on. A verify graph is captured only over the outputs of the captured draft graph, whose
 addresses never change. All graphs share one memory pool.

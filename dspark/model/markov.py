@@ -121,8 +121,8 @@ class BlockHeads:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draw a block left to right (dspark.md §2.3).
 
-        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R] (a filter may be None:
-        off for every row), u [R, γ] uniforms
+        U [R, γ, V] fp32, h [R, γ, d], anchor [R], temperature / top_k / top_p [R] (any may be None:
+        greedy / off for every row), u [R, γ] uniforms
         → (tokens [R, γ], Ũ [R, γ, V] fp32, confidence logits [R, γ] fp32 or None).
 
         Slot i's Ũ uses prev = the anchor (i = 0) or the token sampled at slot i−1, and its token is

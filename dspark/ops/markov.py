@@ -7,7 +7,7 @@ Layouts: R requests, V vocabulary, r Markov rank.
     x            [R, r]          the head's r-vector for this slot (model dtype)
     w2           [V, r]          markov_w2.weight (model dtype, rows contiguous)
     out          [R, V] fp32     U + (x·W2ᵀ rounded to the model dtype), as the eager `U + markov_w2(x).float()`
-    temperature, top_k, top_p, u [R]   as in ops/sampling.py (a filter may be None: off for every row)
+    temperature, top_k, top_p, u [R]   as in ops/sampling.py (any may be None: greedy / off for every row)
     tokens       [R] int64       `markov_sample`: sample(probs(Ũ, temperature, top_k, top_p), u)
 
 It runs γ times per round, one slot after another, so on a GPU its launches and its read of W2 are
@@ -40,7 +40,7 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, cdiv, check, check_tensor, dot, launch, next_pow2, register, tl, triton,
                                 use_triton)
-from dspark.ops.sampling import (_NCAND, _block_v, _canon_key, _check_filter_args, _sample_row, filters_or_off,
+from dspark.ops.sampling import (_NCAND, _block_v, _canon_key, _check_filter_args, _sample_row, params_or_off,
                                  fixed_bits, sample_logits_ref)
 
 
@@ -205,6 +205,6 @@ def markov_sample(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, tempe
                   top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor, *, impl: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One slot in one launch → (Ũ [R, V] fp32, tokens [R] int64); see `markov_sample_ref`."""
-    if use_triton(impl, logits, x, w2, temperature, u):
-        return _markov_sample_triton(logits, x, w2, temperature, *filters_or_off(top_k, top_p, logits), u)
+    if use_triton(impl, logits, x, w2, u):
+        return _markov_sample_triton(logits, x, w2, *params_or_off(temperature, top_k, top_p, logits), u)
     return markov_sample_ref(logits, x, w2, temperature, top_k, top_p, u)

@@ -7,8 +7,8 @@ Layouts: R requests, γ draft slots, V vocabulary, T verify rows (flat, ragged, 
     start [R], verify_len [R]   ℓ_r ∈ [0, γ] drafts verified (ℓ_r = 0: a plain target step)
     draft_logits [R, γ, V]      the draft's corrected logits; its tokens were sampled from
     draft_tokens [R, γ]         probs(draft_logits, same temperature / top-k / top-p)
-    temperature [R], top_k [R], top_p [R]       per-request sampling parameters (top_k / top_p
-                                                may be None: off for every request, see ops/sampling.py)
+    temperature [R], top_k [R], top_p [R]       per-request sampling parameters (any may be None:
+                                                greedy / off for every request, see ops/sampling.py)
     stop_tokens [R, S] int64    stop token ids, padded with −1
     accept_u [R, γ], sample_u [R]               the randomness, explicit
 
@@ -42,7 +42,7 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
                                 triton, use_triton)
-from dspark.ops.sampling import (_NCAND, _block_v, _pow2_scale_tl, _probs_tl, _row_stats, filters_or_off,
+from dspark.ops.sampling import (_NCAND, _block_v, _pow2_scale_tl, _probs_tl, _row_stats, params_or_off,
                                  fixed_bits, probs_ref, sample_ref)
 
 _RESIDUAL_BITS = 60
@@ -323,5 +323,5 @@ def chain_rejection(target_logits, start, verify_len, draft_logits, draft_tokens
     args = (target_logits, start, verify_len, draft_logits, draft_tokens, temperature, top_k, top_p, stop_tokens,
             accept_u, sample_u)
     if use_triton(impl, *(a for a in args if a is not None)):
-        return _chain_rejection_triton(*args[:6], *filters_or_off(top_k, top_p, start), *args[8:])
+        return _chain_rejection_triton(*args[:5], *params_or_off(temperature, top_k, top_p, start), *args[8:])
     return chain_rejection_ref(*args)

@@ -3,7 +3,9 @@
 Layouts: N rows, V vocabulary.
 
     logits       [N, V] fp32/fp16/bf16  raw logits (target rows or the draft's corrected logits)
-    temperature  [N] fp32         0 = greedy: a one-hot at the argmax (lowest index on ties)
+    temperature  [N] fp32         0 = greedy: a one-hot at the argmax (lowest index on ties);
+                                  None: greedy for every row, known on the host (the reference then
+                                  skips the integer weights, most of a greedy CPU step)
     top_k        [N] int64        0 = off; keeps every token tied with the k-th largest
     top_p        [N] fp32         1 = off; keeps the smallest top set whose mass reaches top_p,
                                   the crossing token and every token tied with it included
@@ -115,9 +117,16 @@ def quantize_probs(probs: torch.Tensor, f: int) -> torch.Tensor:
     return (p.double() * scale).long()
 
 
-def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+def _onehot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    # scatter, not F.one_hot: one_hot validates its input on the host (a sync).
+    return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+def probs_ref(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None,
               top_p: torch.Tensor | None) -> torch.Tensor:
     logits = logits.float()
+    if temperature is None:  # every row greedy (filters keep the argmax, so they change nothing)
+        return _onehot_argmax(logits)
     v = logits.shape[-1]
     f = fixed_bits(v)
     greedy = temperature <= 0
@@ -144,9 +153,7 @@ def probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
 
     inv = 1.0 / w.sum(-1, keepdim=True).double()  # [N, 1] fp64
     p = torch.where(keep, (w.double() * inv).float(), 0.0)
-    # scatter, not F.one_hot: one_hot validates its input on the host (a sync).
-    onehot = torch.zeros_like(p).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy.unsqueeze(-1), onehot, p)
+    return torch.where(greedy.unsqueeze(-1), _onehot_argmax(logits), p)
 
 
 def sample_ref(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -480,19 +487,21 @@ def _sample_triton(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def filters_or_off(top_k: torch.Tensor | None, top_p: torch.Tensor | None, rows: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit off values for filters passed as None (the kernels take tensors), one per row of `rows`."""
+def params_or_off(temperature: torch.Tensor | None, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explicit values for parameters passed as None (the kernels take tensors), one per row of `rows`:
+    temperature 0 (greedy), top-k and top-p off."""
     n, dev = rows.shape[0], rows.device
-    return (torch.zeros(n, dtype=torch.long, device=dev) if top_k is None else top_k,
+    return (torch.zeros(n, dtype=torch.float32, device=dev) if temperature is None else temperature,
+            torch.zeros(n, dtype=torch.long, device=dev) if top_k is None else top_k,
             torch.ones(n, dtype=torch.float32, device=dev) if top_p is None else top_p)
 
 
-def probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, *,
-          impl: str = "auto") -> torch.Tensor:
+def probs(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None,
+          top_p: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
     """Filtered sampling distribution [N, V] fp32; see `probs_ref`."""
-    if use_triton(impl, logits, temperature):
-        return _probs_triton(logits, temperature, *filters_or_off(top_k, top_p, logits))
+    if use_triton(impl, logits):
+        return _probs_triton(logits, *params_or_off(temperature, top_k, top_p, logits))
     return probs_ref(logits, temperature, top_k, top_p)
 
 
@@ -503,9 +512,9 @@ def sample(probs: torch.Tensor, u: torch.Tensor, *, impl: str = "auto") -> torch
     return sample_ref(probs, u)
 
 
-def sample_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+def sample_logits(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None,
                   top_p: torch.Tensor | None, u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """`sample(probs(...), u)` in one pass set, without writing the probabilities; see `sample_logits_ref`."""
-    if use_triton(impl, logits, temperature, u):
-        return _sample_logits_triton(logits, temperature, *filters_or_off(top_k, top_p, logits), u)
+    if use_triton(impl, logits, u):
+        return _sample_logits_triton(logits, *params_or_off(temperature, top_k, top_p, logits), u)
     return sample_logits_ref(logits, temperature, top_k, top_p, u)

@@ -241,3 +241,22 @@ def test_waiting_requests_are_admitted_when_pages_free_up():
     while engine.has_unfinished():
         seen += [o.request_id for o in engine.step() if o.new_token_ids]
     assert seen.index(b) > max(i for i, r in enumerate(seen) if r == a)
+
+
+def test_sampling_parameters_no_slot_uses_are_none():
+    """The host knows which parameters are in use: temperature None while every slot is greedy (the CPU
+    reference then skips the integer weights), a filter None while no slot uses it; a released slot stops
+    counting."""
+    from dspark.config import SamplingParams
+    from dspark.decode.buffers import SlotState
+
+    slots = SlotState.allocate(3, 1, "cpu")
+    assert slots.sampling() == (None, None, None)
+    slots.assign(1, SamplingParams(temperature=0.0, top_k=5), seed=0, stop_tokens=())
+    t, k, p = slots.sampling()
+    assert t is None and k is slots.top_k and p is None
+    slots.assign(2, SamplingParams(temperature=0.7, top_p=0.9), seed=0, stop_tokens=())
+    t, k, p = slots.sampling()
+    assert t is slots.temperature and k is slots.top_k and p is slots.top_p
+    slots.release(2)
+    assert slots.sampling()[0] is None and slots.sampling()[2] is None

@@ -202,6 +202,16 @@ def test_markov_sample_auto_on_cpu_is_the_two_step_reference(monkeypatch):
                                                        markov_sample_ref(logits, x, w2, t, top_k, top_p, u)))
 
 
+def test_markov_sample_temperature_none_is_greedy():
+    """temperature None (every request greedy): the argmax of Ũ, reference and kernel, as temperature 0."""
+    logits, x, w2, _, k, p, u = fixed_sample_case(6, 37, 5, torch.float32, 7)
+    want = markov_sample_ref(logits, x, w2, torch.zeros(6), k, p, u)
+    impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
+    for impl in impls:
+        corrected, tokens = markov_sample(logits, x, w2, None, k, p, u, impl=impl)
+        assert torch.equal(tokens, want[1]) and torch.equal(tokens, corrected.argmax(-1)), impl
+
+
 def test_block_heads_markov_sample_is_the_two_step_slot():
     """`BlockHeads.markov_sample` (one op per slot) = `markov_logits` then `sample(probs(Ũ))`, state included."""
     head = MarkovHead(50, 8, "rnn", hidden_size=12)

@@ -108,6 +108,19 @@ def test_filters_passed_as_none_are_off_for_every_request(data):
             assert_equal(a, b, f"{impl} {name}")
 
 
+@given(data=st.data())
+def test_temperature_none_is_greedy_for_every_request(data):
+    """temperature = None (every request greedy) decides exactly as temperature 0, ref and kernel."""
+    batch = list(data.draw(verify_batches(7)))
+    batch[5] = torch.zeros(batch[1].shape[0])
+    want = chain_rejection_ref(*batch)
+    greedy = batch[:5] + [None] + batch[6:]
+    impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
+    for impl in impls:
+        for name, a, b in zip(OUTPUTS, chain_rejection(*greedy, impl=impl), want):
+            assert_equal(a, b, f"{impl} {name}")
+
+
 @needs_triton
 def test_special_cases():
     """verify_len 0, all accepted (bonus from row ℓ), greedy correction, a stop among the drafts, a stop as

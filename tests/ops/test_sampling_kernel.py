@@ -167,6 +167,22 @@ def test_a_filter_passed_as_none_is_off_for_every_row(rows, data):
             assert_equal(sample_logits(rows, t, top_k, top_p, u, impl="triton"), sample_ref(want, u), "tokens")
 
 
+@given(rows=logit_rows(4, 11), data=st.data())
+def test_temperature_none_is_greedy_for_every_row(rows, data):
+    """temperature None (every request greedy, known on the host) gives bit for bit what temperature 0 gives,
+    whatever the filters, in the reference (which then skips the integer weights) and through the kernels."""
+    n, v = rows.shape
+    _, k, p = data.draw(filter_params(n, v, rows))
+    k, p = data.draw(st.sampled_from([(k, p), (None, None), (k, None)]))
+    u = torch.rand(n, generator=generator(data.draw(seeds())))
+    want = probs_ref(rows, torch.zeros(n), k, p)
+    assert_equal(probs_ref(rows, None, k, p), want, "reference")
+    assert_equal(sample_logits_ref(rows, None, k, p, u), rows.argmax(-1), "reference tokens")
+    if _launch.HAS_TRITON:
+        assert_equal(probs(rows, None, k, p, impl="triton"), want, "kernel")
+        assert_equal(sample_logits(rows, None, k, p, u, impl="triton"), rows.argmax(-1), "kernel tokens")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kernels against references.
 
