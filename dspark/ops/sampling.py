@@ -57,6 +57,12 @@ keys of the logits, each pass counting tokens (top-k) or summing integer weights
 candidate keys; it ends on the exact key of the k-th / crossing token, ties included. Passes over V per row:
 1 (max) + ≤9 (top-k) + 1 + ≤9 (top-p) + 1 + the write / sample passes.
 TODO(#7): a radix histogram (8 bits per pass) would cut the search to ≤4 passes each; measure first.
+TODO(#7): measure whether the weights are compute-bound on the GPU. Estimate: `_exp2_fixed` is 10 int64
+multiply-shift-add steps, ≈ 90 SASS instructions per element (≈ 30 of them half-rate IMADs), ≈ 0.8 cycles
+per element per SM, so ≈ 330 G weights/s on an H200 against ≈ 1070 G fp32 logits/s of DRAM bandwidth; a
+sampled row computes weights in 3+ passes. If the sampler/rejection cost tables confirm it, candidates:
+fewer Horner steps after squaring-based range reduction, or an fp32 polynomial with FMA contraction off
+(bit-reproducible, relative error ~1e-7 instead of 5e-9). Tables are not: random gathers serialise in L1.
 """
 
 from __future__ import annotations
@@ -91,9 +97,9 @@ def exp2_fixed(z: torch.Tensor, f: int) -> torch.Tensor:
     n = zi >> _Q  # floor: [−64, 0]
     fr = zi - (n << _Q)  # [0, 2^30)
     acc = torch.full_like(fr, _EXP2_COEFFS[-1])
-    for coeff in reversed(_EXP2_COEFFS[:-1]):
-        acc = coeff + ((acc * fr) >> _Q)  # < 2^31 · 2^30: no overflow
-    rs = _Q - f - n  # right shift (> 0) or left shift (< 0)
+    for coeff in reversed(_EXP2_COEFFS[:-1]):  # in place: this loop is most of a sampled CPU step
+        acc.mul_(fr).bitwise_right_shift_(_Q).add_(coeff)  # acc·fr < 2^31 · 2^30: no overflow
+    rs = n.neg_().add_(_Q - f)  # right shift (> 0) or left shift (< 0)
     return torch.where(rs >= 0, acc >> rs.clamp(0, 62), acc << (-rs).clamp(0, 62))
 
 
