@@ -21,20 +21,26 @@ slot's result written at its own position and combined over its K slots in slot 
 Every expert's weights are read once per tile of its slots, so at decode (a few slots per expert) the
 weight stream is the cost. On CPU `experts_dense` or the reference, whichever is faster for the shape.
 
-Router (`score_route`, `hash_route`): on CUDA one kernel, `_route_kernel`, with HASH a constexpr; one
-program per BLOCK_T = 16 tokens holds their [16, E] logits (a tl.dot over D with fp32 accumulation, whole
-D per program: no split-K, no atomics; tile sizes from E and D only, so a token's result does not depend
-on the rest of the batch). Roundings follow the reference op by op on CUDA: logits to the model dtype (as
-F.linear's output), softplus, sqrt or sigmoid each in fp32 (libdevice exp / log1p, IEEE sqrt and divide,
-as torch's CUDA ops) and rounded to the model dtype; bias added in fp32. Selection is K rounds of "max
-biased score, lowest index among equals" over int order keys (exact; NaN ranks above +inf and −0.0 equals
-+0.0, as torch's stable descending sort), so ties resolve exactly as `topk_lowest_index`. Hash routing
-reads its K experts from tid2eid[input_ids] instead (−1 → weight 0). Unchecked, as that would need a host
-read: ids must index tid2eid (the kernel would read out of bounds) and entries must be < E or −1 (the
-reference raises; the kernel gives an entry ≥ E weight 0). Weights are renormalised and scaled in fp32.
+Router (`score_route`, `hash_route`): on CUDA two launches. `_router_scores_kernel`, one program per tile
+of BLOCK_T = 16 tokens × BLOCK_E = 16 experts, computes the tile's logits (a tl.dot over the whole D in
+order, fp32 accumulation) and its scores, and writes them to an fp32 [N, E] workspace; then
+`_route_select_kernel`, HASH a constexpr, one program per 4 tokens, reads their [4, E] scores and picks
+(hash routing gathers just its K). Splitting E spreads gate_w's stream over E / 16 programs: at V4-Flash's
+E = 256, D = 4096 in bf16 each of the 16 reads 128 KB of gate_w (plus 8 KB of x per token), where one
+program used to read all 2 MB on one SM; the select reads 1 KB of scores per token. A second launch is the
+simplest way to see a token's whole row of scores, with no atomics or completion counter; the round trip
+costs N·E·4 bytes. Batch invariant: each score is one program's in-order reduction over D (no split-K, no
+atomics) and the selection is exact per token; tile sizes come from E and D only, so a token's result does
+not depend on the rest of the batch. Roundings follow the reference op by op on CUDA: logits to the model
+dtype (as F.linear's output), softplus, sqrt or sigmoid each in fp32 (libdevice exp / log1p, IEEE sqrt and
+divide, as torch's CUDA ops) and rounded to the model dtype (the workspace holds those values exactly);
+bias added in fp32. Selection is K rounds of "max biased score, lowest index among equals" over int order
+keys (exact; NaN ranks above +inf and −0.0 equals +0.0, as torch's stable descending sort), so ties resolve
+exactly as `topk_lowest_index`, across expert tiles too. Hash routing reads its K experts from
+tid2eid[input_ids] instead (−1 → weight 0). Unchecked, as that would need a host read: ids must index
+tid2eid (the kernel would read out of bounds) and entries must be < E or −1 (the reference raises; the
+kernel gives an entry ≥ E weight 0). Weights are renormalised and scaled in fp32.
 NOTE: bf16 is for the GPU; the interpreter's fp32 → bf16 conversion truncates.
-TODO(#7): at decode one program reads all of gate_w (E·D elements) on one SM; splitting E across programs
-needs a second pass for the top-k. Measure first.
 """
 
 from __future__ import annotations
@@ -113,13 +119,13 @@ def _log1p(z, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _route_kernel(x_ptr, stride_x, w_ptr, stride_w, bias_ptr, stride_bias, ids_ptr, stride_ids, table_ptr, stride_tv,
-                  stride_tk, weights_ptr, indices_ptr, N, E, D, scaling, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SQRTSOFTPLUS: tl.constexpr,
-                  HASH: tl.constexpr, IEEE: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _router_scores_kernel(x_ptr, stride_x, w_ptr, stride_w, scores_ptr, N, E, D, BLOCK_T: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, SQRTSOFTPLUS: tl.constexpr,
+                          IEEE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """scores[t, e] for one tile of BLOCK_T tokens × BLOCK_E experts, in fp32 holding model-dtype values."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < N
-    e = tl.arange(0, BLOCK_E)
+    e = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):  # whole D in one program, in order: batch invariant
@@ -138,12 +144,25 @@ def _route_kernel(x_ptr, stride_x, w_ptr, stride_w, bias_ptr, stride_bias, ids_p
     else:
         s = tl.div_rn(tl.full((BLOCK_T, BLOCK_E), 1.0, tl.float32), 1.0 + _exp(-logit, LIBDEVICE))
         s = s.to(dt).to(tl.float32)
-    if not HASH:
+    tl.store(scores_ptr + t[:, None] * E + e[None, :], s, mask=t_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _route_select_kernel(scores_ptr, bias_ptr, stride_bias, ids_ptr, stride_ids, table_ptr, stride_tv, stride_tk,
+                         weights_ptr, indices_ptr, N, E, scaling, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, HASH: tl.constexpr):
+    """Top-k over a token's whole score row (or its tid2eid row), then renormalised, scaled weights."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < N
+    if HASH:
+        ids = tl.load(ids_ptr + t * stride_ids, mask=t_ok, other=0).to(tl.int64)
+    else:
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        s = tl.load(scores_ptr + t[:, None] * E + e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
         bias = tl.load(bias_ptr + e * stride_bias, mask=e_ok, other=0.0).to(tl.float32)
         # Padding experts and taken ones get a key below every float's (-2^40); K ≤ E keeps them unpicked.
         key = tl.where(e_ok[None, :], order_key(s + bias[None, :]), -1099511627776)
-    else:
-        ids = tl.load(ids_ptr + t * stride_ids, mask=t_ok, other=0).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     picked = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -151,13 +170,14 @@ def _route_kernel(x_ptr, stride_x, w_ptr, stride_w, bias_ptr, stride_bias, ids_p
     for j in tl.static_range(K):
         if HASH:
             pick = tl.load(table_ptr + ids * stride_tv + j * stride_tk, mask=t_ok, other=0).to(tl.int64)
+            # −1 (or a bad entry ≥ E) reads nothing: weight 0.
+            s_j = tl.load(scores_ptr + t * E + pick, mask=t_ok & (pick >= 0) & (pick < E), other=0.0)
         else:
             best = tl.max(key, axis=1)
             pick = tl.min(tl.where(key == best[:, None], e[None, :], BLOCK_E), axis=1).to(tl.int64)  # lowest index
-        hit = (e[None, :] == pick[:, None]) & e_ok[None, :]  # one-hot, or empty for −1 (or a bad entry ≥ E)
-        if not HASH:
+            hit = e[None, :] == pick[:, None]  # one-hot
             key = tl.where(hit, -1099511627776, key)
-        s_j = tl.sum(tl.where(hit, s, 0.0), axis=1)  # exact: the hit plus zeros
+            s_j = tl.sum(tl.where(hit, s, 0.0), axis=1)  # exact: the hit plus zeros
         total += s_j  # slot order
         idx = tl.where(kk[None, :] == j, pick[:, None], idx)
         picked = tl.where(kk[None, :] == j, s_j[:, None], picked)
@@ -170,15 +190,21 @@ def _route_kernel(x_ptr, stride_x, w_ptr, stride_w, bias_ptr, stride_bias, ids_p
 
 
 _ROUTE_BLOCK_T = 16  # tokens per program: tl.dot's smallest M; fixed, never chosen from N (batch invariance)
-_ROUTE_MAX_E = 1024  # the [BLOCK_T, BLOCK_E] logits, scores and int64 keys live in registers
+# Experts per scores program: tl.dot's smallest N, so the most programs share gate_w at decode (16 at E = 256,
+# 128 KB of bf16 gate_w each at D = 4096). Larger tiles would reread x less at prefill; untuned.
+_ROUTE_BLOCK_E = 16
+_ROUTE_MAX_E = 1024  # the select kernel holds a token tile's [BLOCK_T, E] scores and int64 keys in registers
+# Tokens per select program (no tl.dot there, so below 16): ptxas for sm_90 at E = 256, K = 6 gives 16 tokens
+# 255 registers and spills, 4 tokens 64 registers (8 warps); at E = 1024, 114. Fixed, never chosen from N.
+_ROUTE_SELECT_BLOCK_T = 4
 
 
 def _route_config(e: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_E, BLOCK_D, num_warps) from E and D only (batch invariance); the gate_w tile [BLOCK_D, BLOCK_E]
-    stays ≤ 8k elements. Untuned (no GPU measurement yet)."""
+    """(BLOCK_D of the scores kernel; BLOCK_E, num_warps of the select kernel) from E and D only (batch
+    invariance). The scores kernel's x and gate_w tiles stay ≤ 4k elements. Untuned (no GPU measurement yet)."""
+    block_d = max(16, min(256, next_pow2(d)))
     block_e = max(16, next_pow2(e))
-    block_d = max(16, min(64, 8192 // block_e, next_pow2(d)))
-    return block_e, block_d, 8 if block_e >= 256 else 4
+    return block_d, block_e, 8 if block_e >= 256 else 4
 
 
 def _check_router(x, gate_w, scoring_func):
@@ -199,7 +225,7 @@ def _launch_route(x, gate_w, bias, input_ids, tid2eid, k, scoring_func, scaling,
     indices = torch.empty((n, k), dtype=torch.long, device=x.device)
     if k == 0:
         return weights, indices
-    block_e, block_d, warps = _route_config(num_experts, d)
+    block_d, block_e, warps = _route_config(num_experts, d)
     if hashed:  # stand in for the unused bias with an input (never dereferenced)
         bias, bias_stride = x, 0
         ids_stride, tv_stride, tk_stride = input_ids.stride(0), tid2eid.stride(0), tid2eid.stride(1)
@@ -207,11 +233,14 @@ def _launch_route(x, gate_w, bias, input_ids, tid2eid, k, scoring_func, scaling,
         bias_stride = bias.stride(0)
         input_ids = tid2eid = x
         ids_stride = tv_stride = tk_stride = 0
-    launch(_route_kernel, (cdiv(n, _ROUTE_BLOCK_T),), x, x.stride(0), gate_w, gate_w.stride(0), bias, bias_stride,
-           input_ids, ids_stride, tid2eid, tv_stride, tk_stride, weights, indices, n, num_experts, d, float(scaling),
-           K=k, BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_K=next_pow2(k),
-           SQRTSOFTPLUS=scoring_func == "sqrtsoftplus", HASH=hashed, IEEE=x.dtype == torch.float32,
-           LIBDEVICE=x.is_cuda, num_warps=warps)
+    scores = torch.empty((n, num_experts), dtype=torch.float32, device=x.device)  # [N, E], model-dtype values
+    launch(_router_scores_kernel, (cdiv(n, _ROUTE_BLOCK_T), cdiv(num_experts, _ROUTE_BLOCK_E)), x, x.stride(0),
+           gate_w, gate_w.stride(0), scores, n, num_experts, d, BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=_ROUTE_BLOCK_E,
+           BLOCK_D=block_d, SQRTSOFTPLUS=scoring_func == "sqrtsoftplus", IEEE=x.dtype == torch.float32,
+           LIBDEVICE=x.is_cuda, num_warps=4)
+    launch(_route_select_kernel, (cdiv(n, _ROUTE_SELECT_BLOCK_T),), scores, bias, bias_stride, input_ids, ids_stride,
+           tid2eid, tv_stride, tk_stride, weights, indices, n, num_experts, float(scaling), K=k,
+           BLOCK_T=_ROUTE_SELECT_BLOCK_T, BLOCK_E=block_e, BLOCK_K=next_pow2(k), HASH=hashed, num_warps=warps)
     return weights, indices
 
 

@@ -1,6 +1,7 @@
 """The MoE router kernel (`score_route`, `hash_route`; Triton, interpreter on CPU) against its references:
-random and constructed routings, exact ties, NaN, batch invariance, validation and the `dspark::score_route`
-/ `dspark::hash_route` registrations. Outputs are poisoned before every launch.
+random and constructed routings, exact ties (within and across 16-expert tiles), NaN, batch invariance,
+validation and the `dspark::score_route` / `dspark::hash_route` registrations. Outputs, and the [N, E] scores
+workspace between the two launches, are poisoned before every launch.
 
 Discrete outputs: indices match exactly wherever the selection is decided by more than rounding. With
 small-integer inputs every logit is exact in both implementations, equal logits give equal scores and
@@ -28,8 +29,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from dspark.ops import _launch
-from dspark.ops.moe import (_ROUTE_BLOCK_T, hash_route, hash_route_ref, route_ref, router_scores_ref, score_route,
-                            score_route_ref)
+from dspark.ops.moe import (_ROUTE_BLOCK_E, _ROUTE_BLOCK_T, hash_route, hash_route_ref, route_ref, router_scores_ref,
+                            score_route, score_route_ref)
 from tests.compare import assert_close
 from tests.ops.test_sampling_kernel import poisoned_outputs
 from tests.strategies import generator, seeds
@@ -116,7 +117,7 @@ def check(kind, case, k, scoring, *, exact=False):
 
 
 @st.composite
-def router_cases(draw, ns=(1, 2, 3, 7, 16, 17, 31, 40), es=(1, 2, 7, 8, 24, 60), ds=(1, 5, 16, 33, 70)):
+def router_cases(draw, ns=(1, 2, 3, 7, 16, 17, 31, 40), es=(1, 2, 7, 8, 17, 24, 37, 60), ds=(1, 5, 16, 33, 70)):
     n, e, d = draw(st.sampled_from(ns)), draw(st.sampled_from(es)), draw(st.sampled_from(ds))
     k = draw(st.integers(1, min(e, 8)))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
@@ -157,6 +158,47 @@ def test_ties_go_to_the_lowest_index(case, scoring, mode):
 
 
 @needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("e", [17, 37, 257])
+def test_experts_over_several_tiles(e):
+    """E spans several expert tiles and the last is partial: random (fp32, scale 10) and exact (fp16) cases,
+    score and hash routing."""
+    k = 6
+    for kind, scoring in (("score", "sqrtsoftplus"), ("hash", "sigmoid")):
+        check(kind, make_case(18, e, 33, k, torch.float32, e, vocab=40, scale=10.0), k, scoring)
+    check("score", make_case(18, e, 33, k, torch.float16, e + 1, exact=True), k, "sigmoid", exact=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("k", [4, 8])
+@pytest.mark.parametrize("via", ["gate", "bias"])
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_ties_across_expert_tiles_go_to_the_lowest_index(k, via, scoring):
+    """Six experts in four 16-expert tiles tie for the best biased score: either side of the first two tile
+    boundaries and two in the partial last tile, listed high index first. They come out in index order, then
+    the lowest of the rest (which all tie below them). Ties through equal gate rows, or an equal bias over a
+    zero gate."""
+    b = _ROUTE_BLOCK_E
+    e = 3 * b + 5
+    tied = [e - 1, 2 * b, 3 * b + 1, b, b - 1, 2 * b - 1]
+    n, d = 6, 8
+    g = generator(k)
+    x = torch.randint(1, 3, (n, d), generator=g).float()  # logits of the tied rows ≥ 1 > 0, the others'
+    gate_w = torch.zeros(e, d)
+    bias = torch.zeros(e)
+    if via == "gate":
+        gate_w[tied, 0] = 1.0
+    else:
+        bias[tied] = 8.0
+    table, ids = torch.zeros(1, k, dtype=torch.int32), torch.zeros(n, dtype=torch.long)
+    case = (x, gate_w, bias, table, ids)
+    check("score", case, k, scoring, exact=True)
+    _, indices = run("score", case, k, scoring)
+    want = (sorted(tied) + [0, 1])[:k]
+    assert torch.equal(indices, torch.tensor(want).expand(n, k))
+
+
+@needs_triton
 @pytest.mark.parametrize("scoring", SCORINGS)
 def test_hash_routing_with_repeats_nowhere_and_one_row(scoring):
     """Table rows repeat experts and hold −1 (weight 0); then every token maps to the same table row."""
@@ -192,7 +234,8 @@ def test_nan_routes_like_the_reference(kind):
 def test_a_token_result_does_not_depend_on_its_batch(kind):
     """Bit-identical whether a token runs alone or inside a batch. On CPU only at the same position in its
     16-token tile: the interpreter's tl.dot is a BLAS call whose result for a row can move by an ulp with
-    the row's position (the GPU test below checks every position)."""
+    the row's position (the GPU test below checks every position). That tile is the scores kernel's; the
+    select kernel's 4-token tiles are exact per token."""
     case = make_case(40, 24, 70, 6, torch.float32, 5)
     full = run(kind, case, 6, "sqrtsoftplus")
     for start, stop in ((16, 17), (32, 40), (16, 40), (0, 1)):
