@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.config import SamplingParams
+from dspark.config import KERNELS, SamplingParams
 from dspark.decode.engine import METHODS
 from dspark.decode.schedule import SCHEDULERS
 from dspark.llm import DRAFT_METHODS, DTYPES, LLM, Completion, default_model
@@ -104,7 +104,7 @@ def cmd_generate(args) -> int:
     # A random preset says so on stderr itself, before anything is generated.
     llm = LLM(args.model or args.preset or default_model(), method=args.method, num_draft_tokens=args.num_draft_tokens,
               dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler,
-              cuda_graphs=args.cuda_graphs)
+              cuda_graphs=args.cuda_graphs, kernels=args.kernels)
     updates = llm.updates(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=args.stop)
     streaming = len(prompts) == 1
@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "a dspark draft; hardware / async profile SPS first) (default: fixed)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode rounds from CUDA graphs (needs --device cuda)")
+    g.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="auto: Triton kernels on CUDA, PyTorch references elsewhere; ref: references everywhere "
+                        "(to bisect a GPU mismatch); triton: kernels everywhere (on CPU only with "
+                        "TRITON_INTERPRET=1, slow) (default: auto)")
     g.add_argument("--num-draft-tokens", type=int, metavar="K",
                    help="tokens drafted per round (default: the method's own; ar drafts none)")
     g.add_argument("--max-tokens", type=int, default=64, metavar="N",

@@ -23,6 +23,10 @@ MLP_TYPES = ("hash", "score")
 MTP_KINDS = ("none", "mtp", "dspark")
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
 ROPE_KINDS = ("default", "yarn")
+# Which implementation the modules' ops run: "auto" = the Triton kernels on CUDA inputs, the PyTorch
+# references elsewhere; "triton" = the kernels everywhere (on CPU through TRITON_INTERPRET=1);
+# "ref" = the references everywhere (e.g. to bisect a GPU mismatch).
+KERNELS = ("auto", "triton", "ref")
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (1,)
     # extra HF fields carried through unchanged on save (e.g. quantization_config), as JSON text
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # how the ops run (KERNELS), not what the model is: never saved, not compared
+    kernels: str = field(default="auto", compare=False)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
                 raise ValueError(f"invalid ModelConfig: {msg}")
 
+        need(self.kernels in KERNELS, f"kernels {self.kernels!r} not in {KERNELS}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank",
                      "o_groups", "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "index_n_heads",
                      "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "n_routed_experts",

@@ -308,7 +308,8 @@ def _mtp_drafter_tf(target, view: TargetView, k: int) -> Callable[[torch.Tensor]
                                    keys_true[win.clamp(0, len(keys_true) - 1)])
                 allowed = win >= 0
                 keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)
-                o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), attn.sinks, attn.scale)[:, 0]
+                o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), attn.sinks, attn.scale,
+                                       impl=attn.kernels)[:, 0]
                 return attn.project_out(o, cos, sin)
 
             tok = ids[anchors + j]

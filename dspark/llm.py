@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from dspark.config import ModelConfig, SamplingParams
+from dspark.config import KERNELS, ModelConfig, SamplingParams
 from dspark.decode.engine import METHODS, Engine, RequestOutput
 from dspark.decode.stats import RequestStats
 from dspark.model import DeepseekV4
@@ -128,9 +128,12 @@ class LLM:
 
     def __init__(self, path_or_preset: str | Path | None = None, method: str = "ar",
                  num_draft_tokens: int | None = None, dtype: str = "fp32", device: str = "cpu", max_batch: int = 8,
-                 max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed", cuda_graphs: bool = False):
+                 max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed", cuda_graphs: bool = False,
+                 kernels: str = "auto"):
         # Arguments are checked before a checkpoint that may take minutes is loaded.
         path_or_preset = default_model() if path_or_preset is None else path_or_preset
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; expected one of {KERNELS}")
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         if method not in METHODS + DRAFT_METHODS:
@@ -145,16 +148,16 @@ class LLM:
         drafter = None
         if dirs is not None:
             model_dir, drafts_dir = dirs
-            self.target = DeepseekV4.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
+            self.target = DeepseekV4.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device, kernels=kernels)
             self.tokenizer = load_tokenizer(model_dir)
             self.random_weights = False
             if method in DRAFT_METHODS:
-                drafter = self._drafter(drafts_dir, method, max_batch, max_seq_len, dtype, device)
+                drafter = self._drafter(drafts_dir, method, max_batch, max_seq_len, dtype, device, kernels)
         else:
             if method in DRAFT_METHODS:
                 raise ValueError(f"method {method!r} needs a trained draft; {str(path_or_preset)!r} is a random preset")
             try:
-                config = ModelConfig.preset(str(path_or_preset))
+                config = ModelConfig.preset(str(path_or_preset)).replace(kernels=kernels)
             except ValueError as e:
                 raise ValueError(f"{str(path_or_preset)!r} is not a checkpoint directory, and {e}") from None
             self.target = DeepseekV4.random(config, seed=seed, dtype=DTYPES[dtype], device=device)
@@ -174,7 +177,7 @@ class LLM:
         self._busy = False
 
     def _drafter(self, drafts_dir: Path | None, method: str, max_batch: int, max_seq_len: int | None, dtype: str,
-                 device: str):
+                 device: str, kernels: str):
         from dspark.decode.dspark import DSparkDrafter
 
         path = None if drafts_dir is None else drafts_dir / method
@@ -183,14 +186,14 @@ class LLM:
         if method == "dspark-v4":
             from dspark.model.load import load_dspark_draft
 
-            draft = load_dspark_draft(path, self.target, dtype=DTYPES[dtype], device=device)
+            draft = load_dspark_draft(path, self.target, dtype=DTYPES[dtype], device=device, kernels=kernels)
         else:
             from dspark.model.draft_load import load_draft
 
             # A shipped draft may leave out its frozen copies of the target's embedding and head.
             draft = load_draft(path, dtype=DTYPES[dtype], device=device,
                                shared_embed=self.target.model.embed_tokens.weight.detach(),
-                               shared_head=self.target.lm_head.weight.detach())
+                               shared_head=self.target.lm_head.weight.detach(), kernels=kernels)
         length = max_seq_len or min(self.target.config.max_position_embeddings, 4096)
         return DSparkDrafter(draft.eval(), max_batch=max_batch, max_seq_len=length, name=method)
 

@@ -106,6 +106,7 @@ def test_help(capsys):
 
 @pytest.mark.parametrize("args", [
     ["--max-tokens", "many"], ["--method", "magic"], ["--model", "x", "--preset", "tiny"], ["--bogus"],
+    ["--kernels", "cuda"],
 ])
 def test_bad_flags_exit_2(capsys, args):
     with pytest.raises(SystemExit) as e:

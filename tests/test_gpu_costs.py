@@ -94,16 +94,16 @@ def test_summary_is_printed_from_the_json(smoke, capsys):
     assert "bf16 check: rel_err" in text and "draft.pass" in text and "complete" in text
 
 
-def test_reference_ops_switches_every_op_module_and_restores():
-    import dspark.ops.attention as attention
-    import dspark.ops.moe as moe
+def test_on_references_copies_the_model_onto_the_references():
+    from dspark.config import ModelConfig
+    from dspark.model import DeepseekV4
 
     tool = load_tool()
-    before = (attention.use_triton, moe.use_triton)
-    with tool.reference_ops():
-        # even an explicit "triton" request on CUDA-looking inputs takes the reference inside
-        assert not attention.use_triton("triton", torch.zeros(1)) and not moe.use_triton("auto")
-    assert (attention.use_triton, moe.use_triton) == before
+    model = DeepseekV4.random(ModelConfig.tiny(), seed=0).eval()
+    ref = tool.on_references(model)
+    assert ref.config.kernels == "ref" and model.config.kernels == "auto"
+    assert all(m.kernels == "ref" for m in ref.modules() if hasattr(m, "kernels"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
 
 def test_help_names_the_options(capsys):

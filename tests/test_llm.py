@@ -167,6 +167,8 @@ def test_bad_construction():
         LLM("tiny", method="magic")
     with pytest.raises(ValueError, match="bad device"):
         LLM("tiny", device="gpu")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        LLM("tiny", kernels="cuda")
     with pytest.raises(ValueError, match="drafts nothing"):
         LLM("tiny", num_draft_tokens=2)
     with pytest.raises(ValueError, match="one prompt"):

@@ -56,7 +56,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -286,21 +285,13 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------- step 1
-@contextmanager
-def reference_ops():
-    """Every dspark op on its PyTorch reference (the specification) whatever the device: the
-    baseline the kernels are checked against. The package has no global switch (style.md §4), so
-    the tool swaps the dispatch predicate each op module looks up, and restores it."""
-    mods = [m for name, m in list(sys.modules.items())
-            if name.startswith("dspark.ops") and callable(getattr(m, "use_triton", None))]
-    saved = [(m, m.use_triton) for m in mods]
-    for m in mods:
-        m.use_triton = lambda impl, *tensors: False
-    try:
-        yield
-    finally:
-        for m, fn in saved:
-            m.use_triton = fn
+def on_references(model: DeepseekV4) -> DeepseekV4:
+    """A copy of `model` (same weights and dtype) whose ops all run their PyTorch references
+    (`ModelConfig.kernels = "ref"`): the baseline the kernels are checked against."""
+    device = next(model.parameters()).device
+    ref = DeepseekV4.empty(model.config.replace(kernels="ref"), dtype=model.dtype, device=device)
+    ref.load_state_dict(model.state_dict())
+    return ref.eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -332,8 +323,7 @@ def bf16_check(cfg: ModelConfig, args, device: torch.device) -> dict:
         return torch.cat([model.forward_batch(pre, cache).logits, model.forward_batch(ver, cache).logits])
 
     out = {k: logits(m) for k, m in (("fp32", fp32), ("bf16", bf16))}
-    with reference_ops():
-        out.update({k + "_ref": logits(m) for k, m in (("fp32", fp32), ("bf16", bf16))})
+    out.update({k + "_ref": logits(on_references(m)) for k, m in (("fp32", fp32), ("bf16", bf16))})
     a, b = out["bf16"].double(), out["fp32"].double()
     finite = all(bool(torch.isfinite(t).all()) for t in out.values())
     rel = rel_err(a, b)

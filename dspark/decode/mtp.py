@@ -55,7 +55,8 @@ class MTPDrafter(Drafter):
         logits, streams = self.last_logits, self.last_streams
         tokens, all_logits = [], []
         for j in range(self.num_draft_tokens):
-            token = ops.sample(ops.probs(logits, *sampling), u[:, j])
+            impl = self.target.config.kernels
+            token = ops.sample(ops.probs(logits, *sampling, impl=impl), u[:, j], impl=impl)
             tokens.append(token)
             all_logits.append(logits)
             if j + 1 == self.num_draft_tokens:

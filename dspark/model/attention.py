@@ -38,6 +38,7 @@ class Compressor(nn.Module):
         super().__init__()
         series = 2 if overlap else 1
         self.width, self.rate, self.overlap = width, rate, overlap
+        self.kernels = config.kernels
         self.kv_proj = linear(config.hidden_size, series * width)
         self.gate_proj = linear(config.hidden_size, series * width)
         self.position_bias = nn.Parameter(torch.empty(rate, series * width))
@@ -62,7 +63,7 @@ class Compressor(nn.Module):
             prev_gate = prev_gate.float() + self.position_bias
             kv = torch.cat([prev_kv[..., :c], kv[..., c:]], dim=-2)  # [..., 2m, C]
             gate = torch.cat([prev_gate[..., :c], gate[..., c:]], dim=-2)
-        entry = self.kv_norm(ops.compress_windows(kv, gate).to(kv.dtype))
+        entry = self.kv_norm(ops.compress_windows(kv, gate, impl=self.kernels).to(kv.dtype))
         cos, sin = self.rotary(window * self.rate)
         return apply_rope(entry, cos, sin)
 
@@ -171,7 +172,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
-        self.layer_type = layer_type
+        self.layer_type, self.kernels = layer_type, config.kernels
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.window = config.sliding_window
         self.eps = config.rms_norm_eps
@@ -221,8 +222,8 @@ class Attention(nn.Module):
                      index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """CSA: the indexer's top-k entries per query → int64 [B, T, k] over the W index keys, −1 = none."""
         indexer = self.compressor.indexer
-        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x))
-        return ops.indexer_topk(scores, visible, self.index_topk)
+        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x), impl=self.kernels)
+        return ops.indexer_topk(scores, visible, self.index_topk, impl=self.kernels)
 
     def select_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -280,7 +281,8 @@ class Attention(nn.Module):
             start = ring.shape[0] * ring.shape[1] + kv.shape[0]  # the entry pool's first row in the index
             parts.append(cache.entries.flatten(0, 1))
             index = torch.cat([index, torch.where(rows >= 0, rows + start, -1)], dim=-1)
-        o = ops.sparse_sink_attention(q.to(ring.dtype), parts, index, self.sinks, self.scale).to(x.dtype)
+        o = ops.sparse_sink_attention(q.to(ring.dtype), parts, index, self.sinks, self.scale,
+                                      impl=self.kernels).to(x.dtype)
         idx.ring_write(ring, kv, dummy_slot)
         return self.project_out(o, cos, sin)
 
@@ -321,5 +323,5 @@ class Attention(nn.Module):
                 entry_allowed = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
             keys = torch.cat([keys, entries], dim=1)
             allowed = torch.cat([allowed, entry_allowed], dim=-1)
-        o = ops.sink_attention(q, keys, allowed, self.sinks, self.scale)
+        o = ops.sink_attention(q, keys, allowed, self.sinks, self.scale, impl=self.kernels)
         return self.project_out(o, cos, sin)

@@ -22,13 +22,14 @@ fp32); the fused block-attention kernel of dspark.md §10 replaces it in #7.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.config import KERNELS
 from dspark.model.layers import RMSNorm
 from dspark.model.markov import MARKOV_HEAD_TYPES, BlockHeads, ConfidenceHead, MarkovHead
 
@@ -69,12 +70,15 @@ class DraftConfig:
     confidence_with_markov: bool = False
     confidence_bias: bool = True
     max_position_embeddings: int = 40960
+    # how the ops run (dspark.config.KERNELS), not what the draft is: never saved, not compared
+    kernels: str = field(default="auto", compare=False)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
                 raise ValueError(f"invalid DraftConfig: {msg}")
 
+        need(self.kernels in KERNELS, f"kernels {self.kernels!r} not in {KERNELS}")
         need(self.kind in DRAFT_KINDS, f"kind {self.kind!r} not in {DRAFT_KINDS}")
         for name in _INT_FIELDS:
             value = getattr(self, name)
@@ -236,7 +240,7 @@ class DraftModel(BlockHeads, nn.Module):
 
     def __init__(self, config: DraftConfig):
         super().__init__()
-        self.config = config
+        self.config, self.kernels = config, config.kernels
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_layers))
@@ -281,11 +285,12 @@ class DraftModel(BlockHeads, nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", shared_embed: torch.Tensor | None = None,
-                        shared_head: torch.Tensor | None = None) -> "DraftModel":
+                        shared_head: torch.Tensor | None = None, kernels: str = "auto") -> "DraftModel":
         """Load a DeepSpec draft checkpoint directory (see `dspark.model.draft_load.load_draft`)."""
         from dspark.model.draft_load import load_draft  # draft_load imports this module
 
-        return load_draft(path, dtype=dtype, device=device, shared_embed=shared_embed, shared_head=shared_head)
+        return load_draft(path, dtype=dtype, device=device, shared_embed=shared_embed, shared_head=shared_head,
+                          kernels=kernels)
 
     def save_pretrained(self, path: str | Path) -> None:
         from dspark.model.draft_load import save_draft

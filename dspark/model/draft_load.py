@@ -10,6 +10,7 @@ the target when the checkpoint lacks them. Only safetensors are read; nothing is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -118,13 +119,16 @@ def _listing(names: list[str], limit: int = 10) -> str:
 
 
 def load_draft(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               shared_embed: torch.Tensor | None = None, shared_head: torch.Tensor | None = None) -> DraftModel:
+               shared_embed: torch.Tensor | None = None, shared_head: torch.Tensor | None = None,
+               kernels: str = "auto") -> DraftModel:
     """Build a `DraftModel` from a DeepSpec draft checkpoint, every tensor cast to `dtype` (bf16 → fp32 is exact).
 
     `shared_embed` / `shared_head` ([V, d], the target's embedding and LM head) fill `embed_tokens`
-    / `lm_head` when the checkpoint lacks them; tensors the checkpoint holds always win.
+    / `lm_head` when the checkpoint lacks them; tensors the checkpoint holds always win. `kernels`:
+    `DraftConfig.kernels`.
     """
-    model = DraftModel.empty(read_draft_config(path), dtype=dtype, device=device)
+    config = dataclasses.replace(read_draft_config(path), kernels=kernels)
+    model = DraftModel.empty(config, dtype=dtype, device=device)
     load_draft_weights(model, path, shared_embed=shared_embed, shared_head=shared_head)
     model.sts_temperatures = read_sts(path)
     return model

@@ -43,7 +43,7 @@ class V4DSparkDraft(BlockHeads, nn.Module):
             raise ValueError(f"dspark_noise_token_id {ds.noise_token_id} outside the vocabulary")
         if num_stages < 1 or ds.block_size < 1 or ds.markov_rank < 1:
             raise ValueError("need at least one stage, block_size >= 1 and markov_rank >= 1")
-        self.config = config
+        self.config, self.kernels = config, config.kernels
         self.tap_layers = tuple(ds.target_layer_ids)
         self.block_size, self.block_input_token = ds.block_size, ds.noise_token_id
         self.vocab_size, self.context_window = config.vocab_size, config.sliding_window
@@ -113,7 +113,8 @@ class V4DSparkDraft(BlockHeads, nn.Module):
                 q, _ = attn.project_q(h, cos, sin)  # [N, γ, H, hd]
                 keys = torch.cat([rows.to(h.dtype), attn.project_kv(h, cos, sin)], dim=1)  # [N, C+γ, hd]
                 keys = torch.where(key_ok, keys, 0.0)
-                return attn.project_out(ops.sink_attention(q, keys, allowed, attn.sinks, attn.scale), cos, sin)
+                o = ops.sink_attention(q, keys, allowed, attn.sinks, attn.scale, impl=attn.kernels)
+                return attn.project_out(o, cos, sin)
 
             streams = stage(streams, block_ids, attend)
         h_pre = self.hc_head(streams)

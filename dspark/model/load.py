@@ -778,17 +778,17 @@ def _num_experts(state: dict[str, torch.Tensor], tid2eid_name: str) -> int:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               num_layers: int | None = None):
+               num_layers: int | None = None, kernels: str = "auto"):
     """Build a `DeepseekV4` from a checkpoint directory (HF names, upstream names, or sharded FP8/FP4).
 
     `config.mtp_kind` follows the checkpoint's `mtp.*` tensors: an MTP module is built and loaded;
     DSpark stages are not modules (read them with `read_mtp_state`). `num_layers` builds only the
     first layers and skips the rest; `mtp.*` is then skipped too, since it continues the full-depth
-    model. Weights are allocated once in `dtype` (fp32 islands stay fp32).
+    model. Weights are allocated once in `dtype` (fp32 islands stay fp32). `kernels`: `ModelConfig.kernels`.
     """
     from dspark.model.target import DeepseekV4  # the model imports this module for from_pretrained
 
-    config = read_config(path)
+    config = read_config(path).replace(kernels=kernels)
     raw = raw_config(path)
     with CheckpointReader(path) as reader:
         kind, stages = detect_mtp(reader.keys(), raw)
@@ -803,16 +803,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
 
 
 def load_dspark_draft(path: str | Path, target=None, *, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu", confidence_pre_norm: bool = True):
+                      device: torch.device | str = "cpu", confidence_pre_norm: bool = True, kernels: str = "auto"):
     """The V4 DSpark draft stored as `mtp.*` in a -DSpark release, attached to `target` when given.
 
     The stage count is the number of distinct `mtp.<s>` prefixes (the root config's
     `num_nextn_predict_layers` says 1 on these releases); missing, unexpected or mis-shaped stage
-    tensors are refused by name, with FP8 / FP4 weights dequantised.
+    tensors are refused by name, with FP8 / FP4 weights dequantised. `kernels`: `ModelConfig.kernels`.
     """
     from dspark.model.draft_v4 import V4DSparkDraft
 
-    config = read_config(path)
+    config = read_config(path).replace(kernels=kernels)
     raw = raw_config(path)
     with CheckpointReader(path) as reader:
         kind, stages = detect_mtp(reader.keys(), raw)

@@ -77,6 +77,7 @@ class BlockHeads:
     markov_head: MarkovHead | None
     confidence_head: ConfidenceHead | None
     confidence_with_markov: bool
+    kernels: str = "auto"  # dspark.config.KERNELS; drafts set their config's
 
     def markov_logits(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor,
                       state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,7 +86,7 @@ class BlockHeads:
         if self.markov_head is None:
             return logits, state
         x, state = self.markov_head.step(prev, h, state)
-        return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight), state
+        return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight, impl=self.kernels), state
 
     def markov_sample(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor, temperature: torch.Tensor,
                       top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor,
@@ -94,10 +95,11 @@ class BlockHeads:
         """One slot of the block sampler in one op: `markov_logits`' arguments plus the sampling parameters
         and u [R] → (Ũ [R, V] fp32, token [R] int64 = sample(probs(Ũ, ...), u), new state)."""
         if self.markov_head is None:
-            return logits, ops.sample(ops.probs(logits, temperature, top_k, top_p), u), state
+            q = ops.probs(logits, temperature, top_k, top_p, impl=self.kernels)
+            return logits, ops.sample(q, u, impl=self.kernels), state
         x, state = self.markov_head.step(prev, h, state)
         corrected, token = ops.markov_sample(logits, x, self.markov_head.markov_w2.weight, temperature, top_k, top_p,
-                                             u)
+                                             u, impl=self.kernels)
         return corrected, token, state
 
     def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -137,8 +139,8 @@ class BlockHeads:
             def rows(t: torch.Tensor | None) -> torch.Tensor | None:  # None: a filter off for every row
                 return None if t is None else t.unsqueeze(1).expand(r, g).reshape(r * g)
 
-            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p))
-            tokens = ops.sample(q, u.reshape(r * g)).view(r, g)
+            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p), impl=self.kernels)
+            tokens = ops.sample(q, u.reshape(r * g), impl=self.kernels).view(r, g)
             corrected = logits
         else:
             prev, state, rows_out, drawn = anchor, None, [], []

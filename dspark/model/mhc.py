@@ -15,6 +15,7 @@ class HyperConnection(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         n = config.hc_mult
+        self.kernels = config.kernels
         self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
         self.base = nn.Parameter(torch.empty((2 + n) * n))
         self.scale = nn.Parameter(torch.empty(3))
@@ -25,8 +26,8 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor):
         """streams [..., N, D] → post [..., N], comb [..., N, N] (fp32), block input [..., D]."""
         pre, post, comb = ops.hc_weights(streams, self.fn, self.base, self.scale, self.sinkhorn_iters,
-                                         self.hc_eps, self.rms_eps)
-        return post, comb, ops.hc_collapse(pre, streams)
+                                         self.hc_eps, self.rms_eps, impl=self.kernels)
+        return post, comb, ops.hc_collapse(pre, streams, impl=self.kernels)
 
 
 class HyperHead(nn.Module):
@@ -35,6 +36,7 @@ class HyperHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         n = config.hc_mult
+        self.kernels = config.kernels
         self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
         self.hc_base = nn.Parameter(torch.empty(n))
         self.hc_scale = nn.Parameter(torch.empty(1))
@@ -42,4 +44,5 @@ class HyperHead(nn.Module):
         self.rms_eps = config.rms_norm_eps
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        return ops.hc_head(streams, self.hc_fn, self.hc_base, self.hc_scale, self.hc_eps, self.rms_eps)
+        return ops.hc_head(streams, self.hc_fn, self.hc_base, self.hc_scale, self.hc_eps, self.rms_eps,
+                           impl=self.kernels)

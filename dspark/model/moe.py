@@ -15,7 +15,7 @@ class Router(nn.Module):
 
     def __init__(self, config: ModelConfig, kind: str):
         super().__init__()
-        self.kind = kind
+        self.kind, self.kernels = kind, config.kernels
         self.top_k = config.num_experts_per_tok
         self.scoring_func = config.scoring_func
         self.scaling = config.routed_scaling_factor
@@ -28,9 +28,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor):
         """x [N, D], input_ids [N] → weights fp32 [N, K], indices int64 [N, K]."""
         if self.kind == "hash":
-            return ops.hash_route(x, self.weight, self.tid2eid, input_ids, self.scoring_func, self.scaling)
+            return ops.hash_route(x, self.weight, self.tid2eid, input_ids, self.scoring_func, self.scaling,
+                                  impl=self.kernels)
         return ops.score_route(x, self.weight, self.e_score_correction_bias, self.top_k, self.scoring_func,
-                               self.scaling)
+                               self.scaling, impl=self.kernels)
 
 
 class Experts(nn.Module):
@@ -42,12 +43,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         self.limit = config.swiglu_limit
+        self.kernels = config.kernels
 
     def forward(self, x, weights, indices):
         # Training needs the grouped path (the gather reference holds a weight copy per token);
         # inference keeps the sync-free one.
-        fn = ops.experts_sorted if torch.is_grad_enabled() and self.gate_up_proj.requires_grad else ops.experts
-        return fn(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
+        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            return ops.experts_sorted(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
+        return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit, impl=self.kernels)
 
 
 class SharedExpert(nn.Module):

@@ -36,6 +36,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_type: str, mlp_type: str):
         super().__init__()
+        self.kernels = config.kernels
         self.self_attn = Attention(config, layer_type)
         self.mlp = MoE(config, mlp_type)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -48,10 +49,11 @@ class DecoderLayer(nn.Module):
         """streams [..., N, D], input_ids [...] → streams. `attend(self_attn, x)` runs the attention
         (dense or cached) on the normed block input x [..., D]; `valid` False marks padding."""
         post, comb, x = self.attn_hc(streams)
-        streams = ops.hc_expand(post, comb, attend(self.self_attn, self.input_layernorm(x)), streams)
+        streams = ops.hc_expand(post, comb, attend(self.self_attn, self.input_layernorm(x)), streams,
+                                impl=self.kernels)
         post, comb, x = self.ffn_hc(streams)
         f = self.mlp(self.post_attention_layernorm(x), input_ids, valid, expert_load)
-        return ops.hc_expand(post, comb, f, streams)
+        return ops.hc_expand(post, comb, f, streams, impl=self.kernels)
 
 
 def dense_attend(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +120,12 @@ class DeepseekV4(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", num_layers: int | None = None) -> "DeepseekV4":
+                        device: torch.device | str = "cpu", num_layers: int | None = None,
+                        kernels: str = "auto") -> "DeepseekV4":
         """Load an HF-named, upstream-named or sharded FP8/FP4 checkpoint directory."""
         from dspark.model.load import load_model
 
-        return load_model(path, dtype=dtype, device=device, num_layers=num_layers)
+        return load_model(path, dtype=dtype, device=device, num_layers=num_layers, kernels=kernels)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json + safetensors with upstream names (the only layout that can hold `mtp.*`)."""

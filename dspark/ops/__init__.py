@@ -2,7 +2,8 @@
 
 Each op module holds its plain-PyTorch reference (`<op>_ref`, the specification) and the name the
 rest of the package calls. Ops with Triton kernels take `impl="auto" | "triton" | "ref"` (auto: the
-kernel when every input is on CUDA and Triton imports) and are registered as `dspark::<op>`.
+kernel when every input is on CUDA and Triton imports) and are registered as `dspark::<op>`. Modules
+pass their config's `kernels` field (`ModelConfig.kernels`, `DraftConfig.kernels`) as `impl`.
 """
 
 from dspark.ops.attention import sink_attention, sink_attention_ref, sparse_sink_attention, sparse_sink_attention_ref

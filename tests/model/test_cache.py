@@ -241,9 +241,8 @@ def test_entry_reads_stop_at_the_context_bound():
 
 
 @pytest.fixture
-def use_kernels(monkeypatch):
-    """Calling it makes every op with a Triton kernel run it (the interpreter on CPU) wherever "auto" would
-    pick one on a GPU; returns the ops modules that launched, counted."""
+def launches(monkeypatch):
+    """Counts Triton launches per ops module (the real launch still runs)."""
     import collections
     import importlib
     import pkgutil
@@ -253,32 +252,29 @@ def use_kernels(monkeypatch):
 
     if not _launch.HAS_TRITON:
         pytest.skip("needs triton")
-    launched = collections.Counter()
+    counts = collections.Counter()
+    for info in pkgutil.iter_modules(dspark.ops.__path__):
+        module = importlib.import_module(f"dspark.ops.{info.name}")
+        if hasattr(module, "launch") and info.name != "_launch":
+            def counted(kernel, grid, *args, name=info.name, **kwargs):
+                counts[name] += 1
+                return _launch.launch(kernel, grid, *args, **kwargs)
 
-    def enable():
-        for info in pkgutil.iter_modules(dspark.ops.__path__):
-            module = importlib.import_module(f"dspark.ops.{info.name}")
-            if hasattr(module, "use_triton"):
-                def kernels(impl, *tensors, name=info.name):
-                    use = impl != "ref" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                    launched[name] += use
-                    return use
-
-                monkeypatch.setattr(module, "use_triton", kernels)
-        return launched
-
-    return enable
+            monkeypatch.setattr(module, "launch", counted)
+    return counts
 
 
-def test_cached_forward_on_the_kernels(use_kernels):
-    """The cached forward with every kernel (paged attention over [ring ; new rows ; entry pool], indexer,
-    compressor, grouped MoE, mHC) equals the reference full forward through prefill, verify and rollback."""
+def test_cached_forward_on_the_kernels(launches):
+    """`kernels="triton"` runs every kernel (the interpreter on CPU): the cached forward (paged attention over
+    [ring ; new rows ; entry pool], indexer, compressor, router, grouped MoE, mHC) equals the reference full
+    forward through prefill, verify and rollback."""
     h = Harness(tiny_model(), [40, 29], seed=3)  # the full forwards run on the references
-    launched = use_kernels()
+    assert not launches
+    h.model = DeepseekV4.random(ModelConfig.tiny().replace(kernels="triton"), seed=0).eval()  # same weights
     h.step({0: (16, 16), 1: (9, 9)}, pad=2)
     h.step({0: (5, 2), 1: (6, 6)})
     h.step({0: (16, 16), 1: (4, 1)}, pad=1)
     h.prefill(0, 40, chunk=13)
     h.prefill(1, 29, chunk=13)
     assert h.rows_checked == 69
-    assert all(launched[name] for name in ("attention", "indexer", "compressor", "moe", "mhc")), launched
+    assert all(launches[name] for name in ("attention", "indexer", "compressor", "moe", "mhc")), launches

@@ -11,6 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark import ops
+from dspark.ops import _launch
+from dspark.ops import markov as markov_ops
+from dspark.ops import sampling as sampling_ops
 from dspark.model.draft import DraftConfig, DraftModel
 from dspark.model.draft_load import (draft_config_from_dict, draft_config_to_dict, load_draft, load_draft_weights,
                                      save_draft)
@@ -182,6 +185,32 @@ def test_sampled_token_conditions_the_next_slot(head, temperature, top_k, top_p)
     for i in range(g):
         assert torch.equal(tokens[:, i], ops.sample(ops.probs(corrected[:, i], t, k, p), u[:, i]))
     assert (tokens != corrected.argmax(-1)).any()  # soft draws really happened
+
+
+@pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("head", ["rnn", "dflash"])
+def test_kernels_config_runs_the_block_sampler_on_the_kernels(head, monkeypatch):
+    """DraftConfig.kernels = "triton": the block sampler launches its kernels (the interpreter on CPU) and
+    draws the tokens the references draw (exact integer sampling), with Ũ equal to fp32 tolerance."""
+    model = make(head)
+    kernel_model = DraftModel.random(DraftConfig.tiny(**HEADS[head], kernels="triton"), seed=0)
+    r, g = 5, model.config.block_size
+    U, h, anchor = draft_block(model, r)
+    u = torch.rand(r, g, generator=gen(11))
+    t, k, p = sampling_args(r, 0.8, 3, 0.9)
+    with torch.no_grad():
+        want = model.sample_block(U, h, anchor, t, k, p, u)
+    launched = []
+    for module in (markov_ops, sampling_ops):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda *a, real=real, **kw: launched.append(1) or real(*a, **kw))
+    with torch.no_grad():  # the kernels are forward-only
+        tokens, corrected, conf = kernel_model.sample_block(U, h, anchor, t, k, p, u)
+    assert launched
+    assert torch.equal(tokens, want[0])
+    assert_close(corrected, want[1], what="corrected logits")
+    if conf is not None:
+        assert_close(conf, want[2], what="confidence")
 
 
 @pytest.mark.parametrize("head", ["vanilla", "rnn", "dflash"])

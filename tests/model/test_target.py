@@ -25,14 +25,14 @@ def record_index_ties(monkeypatch):
     ties = []
     real = ops.indexer_topk
 
-    def topk(scores, visible, k):
+    def topk(scores, visible, k, *, impl="auto"):
         n = scores.shape[-1]
         if 0 < k < n:
             hidden = torch.arange(n) >= visible.unsqueeze(-1)
             vals = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True).values
             kth, nxt = vals[..., k - 1], vals[..., k]
             ties.append(bool(((kth == nxt) & torch.isfinite(nxt)).any()))
-        return real(scores, visible, k)
+        return real(scores, visible, k, impl=impl)
 
     monkeypatch.setattr(ops, "indexer_topk", topk)
     return ties
@@ -143,6 +143,9 @@ def test_config_refuses_unknown_layer_types():
         ModelConfig.tiny(mlp_layer_types=("hash", "dense", "score", "score"))
     with pytest.raises(ValueError, match="layer_types has 3 entries"):
         ModelConfig.tiny(layer_types=("sliding", "csa", "hca"))
+    with pytest.raises(ValueError, match="kernels 'cuda' not in"):
+        ModelConfig.tiny(kernels="cuda")
+    assert ModelConfig.tiny(kernels="ref") == ModelConfig.tiny()  # how it runs, not what it is
 
 
 def test_truncated_model_keeps_shapes():
