@@ -119,12 +119,6 @@ class Compressor(nn.Module):
 
         return idx.memo(("visible entry rows", m, pool.shape[1]), make)
 
-    def read_entries(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
-        """The visible entries of `visible_rows` → (entries [T, E, C], zero where not visible; visible [T])."""
-        rows, visible = self.visible_rows(idx, pool, block_table)
-        entries = pool.flatten(0, 1)[rows.clamp(min=0)]  # [T, E, C]
-        return torch.where((rows >= 0).unsqueeze(-1), entries, 0.0), visible
-
     def dense_entries(self, x: torch.Tensor) -> torch.Tensor:
         """All entries of full sequences starting at position 0: x [B, S, D] → [B, S // m, C]."""
         b, s, _ = x.shape
@@ -219,11 +213,14 @@ class Attention(nn.Module):
         return self.o_b_proj(self.o_a_proj(grouped).flatten(-2))
 
     def topk_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """CSA: the indexer's top-k entries per query → int64 [B, T, k] over the W index keys, −1 = none."""
+                     index_keys: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """CSA: the indexer's top-k entries per query → int64 [B, T, k] over the W index keys, −1 = none.
+        index_keys [B, W, di], or a pool [P, di] with `rows` [B, W] naming each entry's row (ops.indexer)."""
         indexer = self.compressor.indexer
-        scores = ops.indexer_scores(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x), impl=self.kernels)
-        return ops.indexer_topk(scores, visible, self.index_topk, impl=self.kernels)
+        _, top = ops.indexer_select(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x), visible,
+                                    self.index_topk, rows=rows, impl=self.kernels)
+        return top
 
     def select_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        index_keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -272,9 +269,9 @@ class Attention(nn.Module):
                 indexer = comp.indexer
                 indexer.write_closing_entries(x, idx, cache.idx_raw_kv, cache.idx_raw_gate, cache.index_keys,
                                               block_table, dummy_slot)
-                index_keys, visible = indexer.read_entries(idx, cache.index_keys, block_table)
+                key_rows, visible = indexer.visible_rows(idx, cache.index_keys, block_table)  # [T, E], [T]
                 top = self.topk_entries(x.unsqueeze(1), q_lat.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1),
-                                        index_keys, visible.unsqueeze(1))[:, 0]  # [T, k]
+                                        cache.index_keys.flatten(0, 1), visible.unsqueeze(1), key_rows)[:, 0]  # [T, k]
                 rows = comp.entry_rows(idx, cache.entries, block_table, top)
             else:
                 rows = comp.visible_rows(idx, cache.entries, block_table)[0]  # [T, E]

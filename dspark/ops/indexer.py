@@ -1,9 +1,14 @@
 """The lightning indexer of CSA layers: score compressed entries per query, keep the top k.
 
-Layouts: B batch, T queries, Hi indexer heads, di indexer head dim, W compressed entries.
+Layouts: B batch, T queries, Hi indexer heads, di indexer head dim, W compressed entries, P pool rows.
 
     q        [B, T, Hi, di]   indexer queries (roped with the compress table)
-    keys     [B, W, di]       the indexer's own compressed keys
+    keys     [B, W, di]       the indexer's own compressed keys (dense mode, rows None), or
+             [P, di]          a pool of them (paged mode, rows given)
+    rows     [B, W]           int, paged mode only: the pool row holding entry w of batch row b; a row outside
+                              [0, P) (−1 by convention) reads as a zero key. Why: the model's keys live in the
+                              paged entry pool, and a dense [B, W, di] copy per query (B = tokens, W = E =
+                              4096 entries at 16k context, m = 4) would be written and read again per CSA layer
     w        [B, T, Hi]       per-head weights (x·weights_projᵀ · Hi^-1/2)
     visible  [B, T]           int, number of entries query t may use (causal: floor((t+1)/m)); entries
                               w < visible are visible, values outside [0, W] clamp
@@ -15,9 +20,10 @@ Selection: the k = min(index_topk, W) highest scores among visible entries; ties
 index (deepseek_v4.md §9.4: this rule is ours and must be shared by kernel and reference). Scores
 compare as floats with −0.0 = +0.0 and every NaN above +inf (torch's descending sort puts NaN first),
 so the selection is defined for any scores; hidden entries never influence it (their keys may hold
-garbage). The chosen entries are listed by index, not by score: a consumer that reduces over them (the
-sparse attention) then sees the same order whenever it gets the same set, even when two score
-computations round differently without changing the set.
+garbage, and so may pool rows that only hidden entries name). The chosen entries are listed by index,
+not by score: a consumer that reduces over them (the sparse attention) then sees the same order
+whenever it gets the same set, even when two score computations round differently without changing
+the set.
 
 Kernel (`_indexer_kernel`, one program per query (b, t); SCORE and SELECT are constexpr flags, so
 `indexer_scores`, `indexer_topk` and the fused `indexer_select` share one body):
@@ -25,6 +31,10 @@ Kernel (`_indexer_kernel`, one program per query (b, t); SCORE and SELECT are co
   accumulation, operands converted to the DOT dtype, a constexpr), ReLU, × scale × w, summed over the
   heads (head blocks in order) and stored. The products of fp16 / bf16 operands are exact in fp32, so
   a 16-bit dot loses nothing against the reference's fp32 upcast but summation order.
+- PAGED: each key tile first loads its BLOCK_W row numbers from `rows` (−1 past W) and gathers those pool
+  rows, invalid ones masked to 0.0; the tile then feeds the same dots in the same order, so paged scores
+  are bit-identical to dense scores of the gathered keys. Per query it drops the dense copy's write and
+  re-read of W·di values (W = 4096, di = 128, bf16: 1 MiB each way) for W row numbers.
 - SELECT: on the row of scores (just written by this program, re-read after a barrier, or given):
   the order keys' min / max over the visible prefix, then an NCAND-way search over the int32 order
   keys for the k-th largest key κ (each pass counts visible keys ≥ NCAND candidates; ≤ 8 passes since
@@ -33,14 +43,17 @@ Kernel (`_indexer_kernel`, one program per query (b, t); SCORE and SELECT are co
   over the visible scores: 1 (min / max, folded into scoring when fused) + ≤ 8 + 1.
   TODO(#7): a radix histogram would cut the search to ≤ 4 passes; measure first.
 Batch invariance: tile sizes depend on (Hi, di) only, each program reads only its own query's q, w,
-visible and scores row and its batch row's keys, every reduction runs in a fixed order (one dot per
-tile over the whole di, head blocks in sequence, no split-K, no atomics), and the selection is exact
-integer work: a query's scores and top-k are bit-identical whatever else is in flight.
+visible and scores row and its batch row's keys (paged: its row of `rows` and the pool rows named
+there), every reduction runs in a fixed order (one dot per tile over the whole di, head blocks in
+sequence, no split-K, no atomics), and the selection is exact integer work: a query's scores and top-k
+are bit-identical whatever else is in flight.
 TODO(#7): prefill reads each batch row's keys once per query; BLOCK_T queries per program sharing the
 key tiles would divide that traffic (a fixed BLOCK_T keeps the invariance).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -49,7 +62,20 @@ from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor,
 from dspark.ops.moe import topk_lowest_index
 
 
-def indexer_scores_ref(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _gather_ref(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Paged → dense keys: pool [P, di], rows [B, W] → [B, W, di] in the pool's dtype, zero where a row is
+    outside [0, P)."""
+    valid = (rows >= 0) & (rows < pool.shape[0])  # [B, W]
+    if pool.shape[0] == 0:  # nothing to index; every row is invalid
+        pool = pool.new_zeros(1, pool.shape[1])
+    keys = pool[torch.where(valid, rows, 0).long()]  # [B, W, di]
+    return torch.where(valid.unsqueeze(-1), keys, 0.0)  # selected, not multiplied: NaN / inf rows drop out
+
+
+def indexer_scores_ref(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, *,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    if rows is not None:
+        keys = _gather_ref(keys, rows)  # [B, W, di]
     scale = q.shape[-1] ** -0.5
     dots = torch.einsum("bthd,bwd->bthw", q.float(), keys.float())  # [B, T, Hi, W]
     return (torch.relu(dots) * scale * w.float().unsqueeze(-1)).sum(dim=2)  # [B, T, W]
@@ -66,10 +92,10 @@ def indexer_topk_ref(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tor
     return torch.where(idx == n, torch.full_like(idx, -1), idx)
 
 
-def indexer_select_ref(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
-                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, topk) of one call: `indexer_topk_ref(indexer_scores_ref(q, keys, w), visible, k)`."""
-    scores = indexer_scores_ref(q, keys, w)
+def indexer_select_ref(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, k: int, *,
+                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, topk) of one call: `indexer_topk_ref(indexer_scores_ref(q, keys, w, rows=rows), visible, k)`."""
+    scores = indexer_scores_ref(q, keys, w, rows=rows)
     return scores, indexer_topk_ref(scores, visible, k)
 
 
@@ -116,11 +142,11 @@ def _kth_key(row_ptr, v, n_sel, lo, hi, BLOCK_S: tl.constexpr, NCAND: tl.constex
 
 
 @triton.jit
-def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb, stride_kw, w_ptr, stride_wb,
-                    stride_wt, stride_wh, scores_ptr, stride_sb, stride_st, vis_ptr, stride_vb, stride_vt, topk_ptr,
-                    T, H, D, W, K, scale, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_S: tl.constexpr, NCAND: tl.constexpr, DOT: tl.constexpr, SCORE: tl.constexpr,
-                    SELECT: tl.constexpr):
+def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb, stride_kw, rows_ptr, stride_rb,
+                    stride_rw, w_ptr, stride_wb, stride_wt, stride_wh, scores_ptr, stride_sb, stride_st, vis_ptr,
+                    stride_vb, stride_vt, topk_ptr, T, H, D, W, P, K, scale, BLOCK_H: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, NCAND: tl.constexpr,
+                    DOT: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, PAGED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
@@ -139,8 +165,14 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
         for w0 in range(0, W, BLOCK_W):
             ent = w0 + tl.arange(0, BLOCK_W)
             ent_ok = ent < W
-            k = _to_dot(tl.load(keys_ptr + b * stride_kb + ent[:, None] * stride_kw + d[None, :],
-                                mask=ent_ok[:, None] & d_ok[None, :], other=0.0), DOT)  # [BLOCK_W, BLOCK_D]
+            if PAGED:  # the tile's pool rows; invalid ones and the padding past W read as zero keys
+                prow = tl.load(rows_ptr + b * stride_rb + ent * stride_rw, mask=ent_ok, other=-1).to(tl.int64)
+                k_ok = (prow >= 0) & (prow < P)
+                k_ptrs = keys_ptr + prow[:, None] * stride_kw + d[None, :]
+            else:
+                k_ok = ent_ok
+                k_ptrs = keys_ptr + b * stride_kb + ent[:, None] * stride_kw + d[None, :]
+            k = _to_dot(tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0), DOT)  # [BLOCK_W, BLOCK_D]
             s = tl.zeros([BLOCK_W], dtype=tl.float32)
             for h0 in range(0, H, BLOCK_H):  # head blocks in order
                 h = h0 + tl.arange(0, BLOCK_H)
@@ -225,17 +257,38 @@ def _dot_code(*tensors: torch.Tensor) -> int:
     return _DOT_CODES[dtype]
 
 
-def _check_scoring(q, keys, w):
+def _check_keys_mode(keys, rows):
+    """Dense keys [B, W, di] come without rows, a pool [P, di] with them; say so when a call mixes them."""
+    if not isinstance(keys, torch.Tensor):
+        return  # check_tensor names the problem
+    if rows is None:
+        check(keys.dim() != 2, f"keys: shape {tuple(keys.shape)} is a pool [P, di]; paged mode needs rows [B, W] "
+                               "naming each entry's pool row")
+    else:
+        check(keys.dim() == 2, f"keys: with rows (paged mode) keys must be a pool [P, di], got shape "
+                               f"{tuple(keys.shape)}; dense keys [B, W, di] take rows=None")
+
+
+def _check_scoring(q, keys, w, rows):
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, unit_last=True)
     b, t, h, d = (int(s) for s in q.shape)
     check(h >= 1, f"q: no indexer heads in shape {tuple(q.shape)}")
     check(1 <= d <= _MAX_D, f"indexer head dim {d} outside [1, {_MAX_D}]")
     dev = q.device
-    check_tensor("keys", keys, ndim=3, dtypes=FLOAT_DTYPES, device=dev, unit_last=True)
-    check(keys.shape[0] == b and keys.shape[2] == d,
-          f"keys: expected [B={b}, W, di={d}], got {tuple(keys.shape)}")
+    _check_keys_mode(keys, rows)
+    if rows is None:
+        check_tensor("keys", keys, ndim=3, dtypes=FLOAT_DTYPES, device=dev, unit_last=True)
+        check(keys.shape[0] == b and keys.shape[2] == d,
+              f"keys: expected [B={b}, W, di={d}], got {tuple(keys.shape)}")
+        n = int(keys.shape[1])
+    else:
+        check_tensor("keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, unit_last=True)
+        check(keys.shape[1] == d, f"keys: expected a pool [P, di={d}], got {tuple(keys.shape)}")
+        check_tensor("rows", rows, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+        check(rows.shape[0] == b, f"rows: expected [B={b}, W], got {tuple(rows.shape)}")
+        n = int(rows.shape[1])
     check_tensor("w", w, shape=(b, t, h), dtypes=FLOAT_DTYPES, device=dev)
-    return b, t, h, d, int(keys.shape[1])
+    return b, t, h, d, n
 
 
 def _check_selection(scores_shape, visible, k, dev):
@@ -245,9 +298,10 @@ def _check_selection(scores_shape, visible, k, dev):
     return min(k, n)
 
 
-def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select):
+def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select, rows=None):
     """One launch over B·T queries; tensors a flag leaves unused are stand-ins (never dereferenced)."""
     b, t, n = (int(s) for s in scores.shape)
+    paged = score and rows is not None
     if score:
         h, d = int(q.shape[2]), int(q.shape[3])
         block_h, block_d, warps = _config(h, d)
@@ -256,26 +310,35 @@ def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select):
         q = keys = w = scores
         h = d = 1
         block_h, block_d, warps, dot = 16, 16, 4, 0
+    key_strides, row_strides, pool_rows = (0, 0), (0, 0), 0
+    if paged:  # keys [P, di]: pool row r at keys + r·stride(0)
+        key_strides, row_strides, pool_rows = (0, keys.stride(0)), (rows.stride(0), rows.stride(1)), int(keys.shape[0])
+    elif score:
+        key_strides = (keys.stride(0), keys.stride(1))
+    if not paged:
+        rows = q
     if not select:  # then score: stand in with an input, not the output the kernel writes
         visible = topk = q
     kk = int(topk.shape[2]) if select else 0
     vis_strides = (visible.stride(0), visible.stride(1)) if select else (0, 0)
     launch(_indexer_kernel, (b * t,),
            q, q.stride(0), q.stride(1) if score else 0, q.stride(2) if score else 0,
-           keys, keys.stride(0) if score else 0, keys.stride(1) if score else 0,
+           keys, *key_strides, rows, *row_strides,
            w, w.stride(0) if score else 0, w.stride(1) if score else 0, w.stride(2) if score else 0,
            scores, scores.stride(0), scores.stride(1), visible, *vis_strides, topk,
-           t, h, d, n, kk, float(d) ** -0.5, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_W=_BLOCK_W, BLOCK_S=_BLOCK_S,
-           NCAND=_NCAND, DOT=dot, SCORE=score, SELECT=select, num_warps=warps)
+           t, h, d, n, pool_rows, kk, float(d) ** -0.5, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_W=_BLOCK_W,
+           BLOCK_S=_BLOCK_S, NCAND=_NCAND, DOT=dot, SCORE=score, SELECT=select, PAGED=paged, num_warps=warps)
 
 
 @register("indexer_scores")
-def _indexer_scores_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """q [B, T, Hi, di], keys [B, W, di] (fp32/fp16/bf16, unit last stride), w [B, T, Hi] (float, any strides)
-    → scores [B, T, W] fp32, contiguous. Meaning: `indexer_scores_ref`."""
-    b, t, _, _, n = _check_scoring(q, keys, w)
+def _indexer_scores_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
+                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [B, T, Hi, di], keys [B, W, di] or with rows a pool [P, di] (fp32/fp16/bf16, unit last stride), rows
+    [B, W] or None (int32/int64, any strides), w [B, T, Hi] (float, any strides) → scores [B, T, W] fp32,
+    contiguous. Meaning: `indexer_scores_ref`."""
+    b, t, _, _, n = _check_scoring(q, keys, w, rows)
     scores = torch.empty((b, t, n), dtype=torch.float32, device=q.device)
-    _launch_indexer(q, keys, w, scores, None, None, score=True, select=False)
+    _launch_indexer(q, keys, w, scores, None, None, score=True, select=False, rows=rows)
     return scores
 
 
@@ -292,15 +355,15 @@ def _indexer_topk_triton(scores: torch.Tensor, visible: torch.Tensor, k: int) ->
 
 
 @register("indexer_select")
-def _indexer_select_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
-                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _indexer_select_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, k: int,
+                           rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two launchers' inputs → (scores [B, T, W] fp32, topk [B, T, min(k, W)] int64) from one launch.
     Meaning: `indexer_select_ref`."""
-    b, t, _, _, n = _check_scoring(q, keys, w)
+    b, t, _, _, n = _check_scoring(q, keys, w, rows)
     kk = _check_selection((b, t, n), visible, k, q.device)
     scores = torch.empty((b, t, n), dtype=torch.float32, device=q.device)
     topk = torch.empty((b, t, kk), dtype=torch.long, device=q.device)
-    _launch_indexer(q, keys, w, scores, visible, topk, score=True, select=kk > 0)
+    _launch_indexer(q, keys, w, scores, visible, topk, score=True, select=kk > 0, rows=rows)
     return scores, topk
 
 
@@ -308,11 +371,17 @@ def _indexer_select_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
 # The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def indexer_scores(q, keys, w, *, impl: str = "auto"):
-    """Index scores [B, T, W] fp32; see `indexer_scores_ref`."""
-    if use_triton(impl, q, keys, w):
-        return _indexer_scores_triton(q, keys, w)
-    return indexer_scores_ref(q, keys, w)
+def _inputs(*tensors):
+    return [t for t in tensors if t is not None]
+
+
+def indexer_scores(q, keys, w, *, rows=None, impl: str = "auto"):
+    """Index scores [B, T, W] fp32 of dense keys [B, W, di], or of pool rows keys[rows] (rows [B, W]); see
+    `indexer_scores_ref`."""
+    _check_keys_mode(keys, rows)
+    if use_triton(impl, *_inputs(q, keys, w, rows)):
+        return _indexer_scores_triton(q, keys, w, rows)
+    return indexer_scores_ref(q, keys, w, rows=rows)
 
 
 def indexer_topk(scores, visible, k: int, *, impl: str = "auto"):
@@ -323,9 +392,10 @@ def indexer_topk(scores, visible, k: int, *, impl: str = "auto"):
     return indexer_topk_ref(scores, visible, k)
 
 
-def indexer_select(q, keys, w, visible, k: int, *, impl: str = "auto"):
-    """(scores, topk) in one launch: `indexer_topk(indexer_scores(q, keys, w), visible, k)` without a second
-    launch or a separate min / max pass; see `indexer_select_ref`."""
-    if use_triton(impl, q, keys, w, visible):
-        return _indexer_select_triton(q, keys, w, visible, int(k))
-    return indexer_select_ref(q, keys, w, visible, k)
+def indexer_select(q, keys, w, visible, k: int, *, rows=None, impl: str = "auto"):
+    """(scores, topk) in one launch: `indexer_topk(indexer_scores(q, keys, w, rows=rows), visible, k)` without a
+    second launch or a separate min / max pass; see `indexer_select_ref`."""
+    _check_keys_mode(keys, rows)
+    if use_triton(impl, *_inputs(q, keys, w, visible, rows)):
+        return _indexer_select_triton(q, keys, w, visible, int(k), rows)
+    return indexer_select_ref(q, keys, w, visible, k, rows=rows)

@@ -20,21 +20,22 @@ PARITY_ATOL = 1e-4
 
 @pytest.fixture
 def record_index_ties(monkeypatch):
-    """Wrap the indexer top-k to record whether a selection boundary fell on an exact score tie:
+    """Wrap the indexer selection to record whether a selection boundary fell on an exact score tie:
     HF's torch.topk breaks such ties differently from our lowest-index rule (deepseek_v4.md §9.4)."""
     ties = []
-    real = ops.indexer_topk
+    real = ops.indexer_select
 
-    def topk(scores, visible, k, *, impl="auto"):
+    def select(q, keys, w, visible, k, **kwargs):
+        scores, top = real(q, keys, w, visible, k, **kwargs)
         n = scores.shape[-1]
         if 0 < k < n:
             hidden = torch.arange(n) >= visible.unsqueeze(-1)
             vals = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True).values
             kth, nxt = vals[..., k - 1], vals[..., k]
             ties.append(bool(((kth == nxt) & torch.isfinite(nxt)).any()))
-        return real(scores, visible, k, impl=impl)
+        return scores, top
 
-    monkeypatch.setattr(ops, "indexer_topk", topk)
+    monkeypatch.setattr(ops, "indexer_select", select)
     return ties
 
 

@@ -10,6 +10,9 @@ absolute tolerance widened to 8 fp32 ulps of the magnitude bound scale·Σ_h |w_
 (`score_atol`; 64 ulps for 16-bit tensor-core dots on the GPU, whose fp32 accumulation need not round
 to nearest). Cases with small-integer q, keys, w and di a power of 4 make every score exact in both
 (di^-1/2 a power of two), so there the whole pipeline must match the reference bit for bit.
+Paged mode (keys a pool [P, di], rows [B, W]): the kernel must equal the dense kernel on the gathered
+keys bit for bit (same tiles, same sums), and the reference the dense reference; rows include −1 holes,
+out-of-range values, duplicates and garbage (NaN / inf) pool rows behind hidden entries.
 Outputs are poisoned before every launch (tests/ops/test_sampling_kernel.poisoned_outputs).
 """
 
@@ -278,6 +281,195 @@ def test_batch_invariance(seed, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Paged keys: keys a pool [P, di], rows [B, W] naming each entry's pool row.
+
+ROW_PATTERNS = ("valid", "holes", "out", "dups")
+
+
+def make_paged_case(b, t, h, d, w, p, dtype, seed, patterns, *, garbage=True, rows_dtype=torch.int64,
+                    device="cpu"):
+    """(q [B, T, Hi, di], pool [P, di], w [B, T, Hi], visible [B, T], rows [B, W]).
+
+    The pool's last P // 4 rows are garbage (NaN, inf). Entries some query of batch row b may see name, per
+    patterns[b]: valid, clean rows only; holes, −1 here and there; out, values outside [0, P) (P, P + 1, −2,
+    ±2^31 − 1); dups, at most two clean rows (duplicated keys, tied scores). garbage: entries no query of
+    the row can see name garbage rows (else they follow the pattern)."""
+    g = generator(seed)
+    q, wts = torch.randn(b, t, h, d, generator=g), torch.randn(b, t, h, generator=g)
+    bad = p // 4
+    clean = p - bad
+    pool = torch.randn(p, d, generator=g)
+    pool[clean:] = torch.where(torch.arange(bad) % 2 == 0, math.nan, math.inf).view(bad, 1)
+    kinds = [VISIBLE_KINDS[i] for i in torch.randint(0, len(VISIBLE_KINDS), (b * t,), generator=g)]
+    visible = make_visible(kinds, w, g).view(b, t)
+    seen = visible.clamp(0, w).amax(1)  # [B]
+    outside = torch.tensor([p, p + 1, -2, 2**31 - 1, -(2**31) + 1])
+    rows = torch.empty(b, w, dtype=torch.long)
+    for bi, kind in enumerate(patterns):
+        some = torch.rand(w, generator=g) < 0.3
+        r = torch.randint(0, max(clean, 1), (w,), generator=g) if clean else torch.full((w,), -1)
+        if kind == "holes":
+            r = torch.where(some, -1, r)
+        elif kind == "out":
+            r = torch.where(some, outside[torch.randint(0, len(outside), (w,), generator=g)], r)
+        elif kind == "dups" and clean:
+            r = torch.randint(0, min(clean, 2), (w,), generator=g)
+        if garbage and bad:
+            r = torch.where(torch.arange(w) >= seen[bi], clean + torch.randint(0, bad, (w,), generator=g), r)
+        rows[bi] = r
+    move = lambda x: x.to(device)  # noqa: E731
+    return move(q.to(dtype)), move(pool.to(dtype)), move(wts), move(visible), move(rows.to(rows_dtype))
+
+
+@st.composite
+def paged_cases(draw, max_w=100, max_p=130, dtypes=(torch.float32, torch.float16)):
+    b = draw(st.sampled_from([1, 2, 3, 5, 7]))
+    t = draw(st.sampled_from([1, 2, 3]))
+    h = draw(st.sampled_from([1, 5, 17]))
+    d = draw(st.sampled_from([1, 4, 7, 16, 33]))
+    w = draw(st.sampled_from([n for n in (1, 2, 5, 37, 64, 65, 100, 129, 257, 300) if n <= max_w]))  # BLOCK_W = 64
+    p = draw(st.sampled_from([n for n in (0, 1, 2, 7, 31, 64, 130, 600) if n <= max_p]))
+    patterns = draw(st.lists(st.sampled_from(ROW_PATTERNS), min_size=b, max_size=b))
+    case = make_paged_case(b, t, h, d, w, p, draw(st.sampled_from(dtypes)), draw(seeds()), patterns,
+                           garbage=draw(st.booleans()), rows_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+    if draw(st.booleans()):  # rows as a column-major view: any strides are read in place
+        case = case[:4] + (case[4].t().contiguous().t(),)
+    return case
+
+
+def gathered(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The dense keys [B, W, di] paged mode stands for: pool rows, zero where a row is outside [0, P)."""
+    p, d = pool.shape
+    ok = (rows >= 0) & (rows < p)
+    return torch.cat([pool, pool.new_zeros(1, d)])[torch.where(ok, rows, p).long()]
+
+
+def clean_entries(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, 1, W] bool: the entry's key is finite (a clean pool row or a zero key)."""
+    return torch.isfinite(gathered(pool, rows)).all(-1).unsqueeze(1)
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bit for bit (−0.0 ≠ +0.0), NaN payloads aside."""
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape, what
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN positions differ"
+    bits = lambda x: torch.where(x.isnan(), 0, x.view(torch.int32))  # noqa: E731
+    assert torch.equal(bits(got), bits(want)), f"{what}: bits differ"
+
+
+@garbage_ok
+@given(case=paged_cases(max_w=300, max_p=600), k=st.sampled_from([0, 1, 3, 40]))
+def test_paged_reference_is_the_dense_reference_on_gathered_keys(case, k):
+    q, pool, wts, visible, rows = case
+    keys = gathered(pool, rows)
+    scores, topk = indexer_select_ref(q, pool, wts, visible, k, rows=rows)
+    want_scores, want_topk = indexer_select_ref(q, keys, wts, visible, k)
+    assert_same_bits(scores, want_scores, "paged reference scores")
+    assert_same_bits(indexer_scores_ref(q, pool, wts, rows=rows), want_scores, "paged reference scores")
+    assert_topk_equal(topk, want_topk, "paged reference top-k")
+    assert torch.isfinite(scores.masked_select(clean_entries(pool, rows))).all(), "garbage reached a clean entry"
+
+
+def check_paged(q, pool, wts, visible, rows, k):
+    """Paged kernel == dense kernel on the gathered keys (bit for bit), ≈ the reference, selection exact."""
+    keys = gathered(pool, rows)
+    with poisoned_outputs():
+        scores = indexer_scores(q, pool, wts, rows=rows, impl="triton")
+        fused_scores, fused_topk = indexer_select(q, pool, wts, visible, k, rows=rows, impl="triton")
+        dense_scores, dense_topk = indexer_select(q, keys, wts, visible, k, impl="triton")
+        split_topk = indexer_topk(scores, visible, k, impl="triton")
+    assert scores.is_contiguous() and fused_scores.is_contiguous()
+    assert_same_bits(scores, dense_scores, "paged vs dense scores")
+    assert_same_bits(fused_scores, dense_scores, "paged fused vs dense scores")
+    assert_topk_equal(fused_topk, dense_topk, "paged vs dense top-k")
+    assert_topk_equal(fused_topk, split_topk, "fused vs scores-then-top-k")
+    assert_topk_equal(fused_topk, indexer_topk_ref(scores, visible, k), "paged top-k")
+    assert_close(scores, indexer_scores_ref(q, pool, wts, rows=rows), dtype=torch.float32,
+                 atol=score_atol(q, keys, wts), what="paged scores")
+    assert torch.isfinite(scores.masked_select(clean_entries(pool, rows).to(scores.device))).all(), \
+        "NaN / inf on an entry with a clean key"
+    return scores, fused_topk
+
+
+@garbage_ok
+@needs_triton
+@settings(max_examples=10)  # four launches per example
+@given(case=paged_cases(), k=st.sampled_from([0, 1, 3, 8, 40]))
+def test_paged_kernel_matches_dense_kernel_and_reference(case, k):
+    check_paged(*case, k)
+
+
+@garbage_ok
+@needs_triton
+@settings(max_examples=1)  # six launches
+@given(seed=seeds(), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_paged_batch_invariance(seed, dtype):
+    """A query's paged scores and top-k are bit-identical alone or among other queries and batch rows,
+    with rows int32, strided, or renumbered into a pool with more (garbage) rows in front."""
+    q, pool, wts, visible, rows = make_paged_case(3, 2, 5, 7, 70, 40, dtype, seed, ["holes", "out", "dups"])
+    k = 6
+
+    def run(q, pool, wts, visible, rows):
+        with poisoned_outputs():
+            return indexer_select(q, pool, wts, visible, k, rows=rows, impl="triton")
+
+    def same(a, b_, what):
+        assert_same_bits(a[0], b_[0], what)
+        assert_topk_equal(a[1], b_[1], what)
+
+    full = run(q, pool, wts, visible, rows)
+    part = run(q[[2, 0]], pool, wts[[2, 0]], visible[[2, 0]], rows[[2, 0]])
+    same(part, (full[0][[2, 0]], full[1][[2, 0]]), "batch rows [2, 0]")
+    part = run(q[:, 1:], pool, wts[:, 1:], visible[:, 1:], rows)
+    same(part, (full[0][:, 1:], full[1][:, 1:]), "query 1")
+    same(run(q, pool, wts, visible, rows.int()), full, "rows int32")
+    same(run(q, pool, wts, visible, torch.stack([rows, rows], -1)[..., 0]), full, "rows strided")
+    ok = (rows >= 0) & (rows < pool.shape[0])
+    front = torch.full((5, pool.shape[1]), math.nan, dtype=dtype)
+    same(run(q, torch.cat([front, pool]), wts, visible, torch.where(ok, rows + 5, -1)), full, "renumbered pool")
+
+
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
+def test_paged_validation(impl):
+    q, pool, wts, visible, rows = make_paged_case(2, 3, 5, 7, 11, 9, torch.float32, 0, ["valid", "holes"])
+    keys = gathered(pool, rows)
+    # A call mixing the modes fails with a message naming the mode, for either implementation.
+    with pytest.raises(ValueError, match="pool"):
+        indexer_scores(q, pool, wts, impl=impl)
+    with pytest.raises(ValueError, match="paged"):
+        indexer_select(q, keys, wts, visible, 3, rows=rows, impl=impl)
+    if impl == "ref":
+        return
+    bad = {
+        "rows dtype": (pool, rows.float()),
+        "rows int16": (pool, rows.short()),
+        "rows rank 1": (pool, rows[0]),
+        "rows rank 3": (pool, rows[..., None]),
+        "rows batch": (pool, rows[:1]),
+        "rows device": (pool, rows.to("meta")),
+        "pool width": (pool[:, :6], rows),
+        "pool dtype": (pool.double(), rows),
+        "pool last stride": (pool.t().contiguous().t(), rows),
+        "pool rank 1": (pool[0], rows),
+    }
+    for what, (keys_, rows_) in bad.items():
+        for call in (lambda: indexer_scores(q, keys_, wts, rows=rows_, impl="triton"),
+                     lambda: indexer_select(q, keys_, wts, visible, 3, rows=rows_, impl="triton")):
+            with pytest.raises(ValueError):
+                call()
+                pytest.fail(what)
+    # Empty launches: no queries, no entries, an empty pool (every row invalid: zero keys, score 0).
+    assert indexer_scores(q[:, :0], pool, wts[:, :0], rows=rows, impl="triton").shape == (2, 0, 11)
+    s, top = indexer_select(q, pool, wts, visible, 4, rows=rows[:, :0], impl="triton")
+    assert s.shape == (2, 3, 0) and top.shape == (2, 3, 0)
+    with poisoned_outputs():
+        s, top = indexer_select(q, pool[:0], wts, visible, 4, rows=rows, impl="triton")
+    want_s, want_top = indexer_select_ref(q, pool[:0], wts, visible, 4, rows=rows)
+    assert not s.any() and not want_s.any()
+    assert_topk_equal(top, want_top, "empty pool")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Layouts, validation, dispatch, registration.
 
 
@@ -355,13 +547,17 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("op", ["indexer_scores", "indexer_topk", "indexer_select"])
+@pytest.mark.parametrize("op", ["indexer_scores", "indexer_topk", "indexer_select", "indexer_scores paged",
+                                "indexer_select paged"])
 def test_opcheck(op):
     """Schema, autograd registration, fake tensors (test_aot_dispatch_dynamic needs a GPU: see _launch.launch)."""
     q, keys, w, visible = make_case(2, 3, 5, 9, 13, torch.float32, 2, garbage=False)
+    _, pool, _, _, rows = make_paged_case(2, 3, 5, 9, 13, 20, torch.float32, 2, ["holes", "out"], garbage=False)
     args = {"indexer_scores": (q, keys, w), "indexer_topk": (indexer_scores_ref(q, keys, w), visible, 4),
-            "indexer_select": (q, keys, w, visible, 4)}[op]
-    torch.library.opcheck(getattr(torch.ops.dspark, op), args,
+            "indexer_select": (q, keys, w, visible, 4), "indexer_scores paged": (q, pool, w),
+            "indexer_select paged": (q, pool, w, visible, 4)}[op]
+    kwargs = {"rows": rows} if op.endswith("paged") else {}
+    torch.library.opcheck(getattr(torch.ops.dspark, op.split()[0]), args, kwargs,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -394,6 +590,15 @@ def test_scores_and_fused_select_extended(case, k, data):
         check_scoring(*big, data.draw(st.sampled_from([16, 64, 200])))
 
 
+@garbage_ok
+@pytest.mark.extended
+@needs_triton
+@settings(max_examples=100)
+@given(case=paged_cases(max_w=300, max_p=600), k=st.integers(0, 80))
+def test_paged_kernel_extended(case, k):
+    check_paged(*case, k)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_v4_shapes(dtype):
@@ -408,3 +613,26 @@ def test_gpu_v4_shapes(dtype):
     assert torch.equal(alone[0], scores[1:, 20:21]) and torch.equal(alone[1], topk[1:, 20:21])
     if dtype == torch.bfloat16:  # the full opcheck compiles through torch.compile: once is enough
         torch.library.opcheck(torch.ops.dspark.indexer_select, (q[:, :3], keys, wts[:, :3], visible[:, :3], k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_paged_v4_shapes(dtype):
+    """The model's cached CSA call: 37 query tokens as batch rows (T = 1), Hi = 64, di = 128, W = 4096 entries
+    from a 20000-row pool, top-512, causal-like visible counts, −1 past visible except in a few rows naming
+    garbage pool rows. Paged == dense on the gathered keys bit for bit, ≈ the reference; batch invariance."""
+    b, w, p, k = 37, 4096, 20000, 512
+    q, pool, wts, _, rows = make_paged_case(b, 1, 64, 128, w, p, dtype, 0, ["valid"] * b, garbage=False,
+                                            device="cuda")
+    visible = torch.tensor([0, 1, 511, 512, 513, 4096, 5000] + list(range(100, 4096, 137))[:30], device="cuda")
+    hidden = torch.arange(w, device="cuda") >= visible[:, None]  # [B, W]
+    junk = torch.randint(p - p // 4, p, (b, w), device="cuda")  # the garbage rows
+    rows = torch.where(hidden, torch.where(torch.arange(b, device="cuda")[:, None] % 3 == 0, junk, -1), rows)
+    visible = visible.view(b, 1)
+    scores, topk = check_paged(q, pool, wts, visible, rows, k)
+    alone = indexer_select(q[20:21], pool, wts[20:21], visible[20:21], k, rows=rows[20:21], impl="triton")
+    assert_same_bits(alone[0], scores[20:21], "alone")
+    assert_topk_equal(alone[1], topk[20:21], "alone")
+    if dtype == torch.bfloat16:  # the full opcheck compiles through torch.compile: once is enough
+        torch.library.opcheck(torch.ops.dspark.indexer_select, (q[:3], pool, wts[:3], visible[:3], k),
+                              {"rows": rows[:3]})
