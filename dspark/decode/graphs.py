@@ -8,10 +8,11 @@ buffers here (tests/decode/test_graphs.py, with `emulate=True`).
 
 A graph is keyed by everything that changes the captured work: the flat verify bucket, which sampling
 parameters any slot uses (`SlotState.sampling` passes None for a temperature when every slot is greedy
-and for filters no slot uses), and the half of the round (whole round, draft + schedule, or verify). Each key runs eagerly the first time it is met (Triton compiles,
-libraries initialise, lazily allocated state appears), is captured the second time and replayed from
-then on. A verify graph is captured only over the outputs of the captured draft graph, whose
-addresses never change. All graphs share one memory pool.
+and for filters no slot uses), and the half of the round (whole round, draft + schedule, or verify).
+Each key runs eagerly the first time it is met (Triton compiles, libraries initialise, lazily allocated
+state appears), is captured the second time and replayed from then on. A verify graph is captured only
+over the outputs of the captured draft graph, whose addresses never change. All graphs share one memory
+pool.
 
 `emulate=True` (CPU tests) keeps the same bookkeeping without CUDA: "capture" stores the round's
 closure, "replay" calls that stored closure again, so a round whose inputs did not go through the

@@ -112,10 +112,10 @@ class Compressor(nn.Module):
             slots = block_table.shape[1] * pool.shape[1]
             if idx.context:  # visible ≤ (position + 1) // m < context // m + 1
                 slots = min(slots, idx.context // m + 1)
-            visible = (idx.positions + 1) // m
-            numbers = torch.arange(slots, device=pool.device).expand(visible.shape[0], slots)
-            return self.entry_rows(idx, pool, block_table, torch.where(numbers < visible.unsqueeze(-1), numbers, -1)), \
-                visible
+            visible = (idx.positions + 1) // m  # [T]
+            numbers = torch.arange(slots, device=pool.device).expand(visible.shape[0], slots)  # [T, E]
+            seen = torch.where(numbers < visible.unsqueeze(-1), numbers, -1)
+            return self.entry_rows(idx, pool, block_table, seen), visible
 
         return idx.memo(("visible entry rows", m, pool.shape[1]), make)
 

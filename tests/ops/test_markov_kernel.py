@@ -161,8 +161,9 @@ def test_markov_sample_kernel_matches_reference(r, v, rank, dtype, data):
 
 @needs_triton
 def test_markov_sample_more_tiles_than_finish_lanes():
-    """V = 16411 (257 fp32 tiles > 256 partial lanes in the finish): the max partials come in two chunks. Row 0: greedy with
-    the max tied across the first and the last tile → the lower index; row 1: the max only in the last tile."""
+    """V = 16411 (257 fp32 tiles > 256 partial lanes in the finish): the max partials come in two chunks.
+    Row 0: greedy with the max tied across the first and the last tile → the lower index; row 1: the max only
+    in the last tile."""
     logits, x, w2 = make_case(2, 16411, 4, torch.float32, 4)
     x[0] = 0.0  # Ũ = U: the tie survives
     logits[0, [7, 16400]] = 50.0
