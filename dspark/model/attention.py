@@ -71,24 +71,33 @@ class Compressor(nn.Module):
                               pool: torch.Tensor, block_table: torch.Tensor, dummy_slot: int) -> None:
         """Cached path: pool every window whose last token is in this forward, store it in the paged
         `pool` [pages, P/m, C], then append this forward's raw projections to the rings."""
-        m, pos = self.rate, idx.positions
-        kv, gate = self.project(x)  # [T, series·C]
+        m = self.rate
+        kv, gate = self.project(x)  # [T, series·C]: every token's, for the rings
+        t = kv.shape[0]
+        closes = idx.valid & ((idx.positions + 1) % m == 0)  # [T]
+        # Only closing tokens need an entry (each pools m or 2m raw rows). A request's n new tokens close
+        # at most n // m + 1 windows, so at most T // m + R do: a bound from shapes, a sync-free selection.
+        bound = min(t, t // m + idx.batch.slot.shape[0] - 1)
+        sel = idx
+        if bound < t:
+            order = torch.argsort((~closes).to(torch.int8), stable=True)[:bound]  # closing tokens first
+            sel, closes = idx.select(order), closes[order]
+        pos = sel.positions  # [n]
         window = (pos + 1) // m - 1  # the window token t closes (when (t+1) mod m == 0)
-        closes = idx.valid & ((pos + 1) % m == 0)
-        cur = window.clamp(min=0).unsqueeze(-1) * m + torch.arange(m, device=x.device)  # [T, m]
-        cur_kv, cur_gate = idx.gather(kv, raw_kv, cur), idx.gather(gate, raw_gate, cur)
+        cur = window.clamp(min=0).unsqueeze(-1) * m + torch.arange(m, device=x.device)  # [n, m]
+        cur_kv, cur_gate = sel.gather(kv, raw_kv, cur), sel.gather(gate, raw_gate, cur)
         prev_kv = prev_gate = None
         if self.overlap:
             prev = cur - m
             has_prev = (prev >= 0).unsqueeze(-1)
-            prev_kv = torch.where(has_prev, idx.gather(kv, raw_kv, prev), 0.0)
-            prev_gate = torch.where(has_prev, idx.gather(gate, raw_gate, prev), float("-inf"))
-        entry = self.pool(cur_kv, cur_gate, prev_kv, prev_gate, window.clamp(min=0))  # [T, C]
+            prev_kv = torch.where(has_prev, sel.gather(kv, raw_kv, prev), 0.0)
+            prev_gate = torch.where(has_prev, sel.gather(gate, raw_gate, prev), float("-inf"))
+        entry = self.pool(cur_kv, cur_gate, prev_kv, prev_gate, window.clamp(min=0))  # [n, C]
         page_size = pool.shape[1] * m
         first = window.clamp(min=0) * m
         # Padding rows may carry any position: clamp the page lookup, their writes go to the trash page.
         page_index = (first // page_size).clamp(max=block_table.shape[1] - 1)
-        page = torch.where(closes, idx.pages(block_table).gather(1, page_index.unsqueeze(-1))[:, 0], 0)  # 0: trash
+        page = torch.where(closes, block_table[sel.slot, page_index], 0)  # page 0: trash
         pool[page, (first % page_size) // m] = entry.to(pool.dtype)
         idx.ring_write(raw_kv, kv, dummy_slot)
         idx.ring_write(raw_gate, gate, dummy_slot)

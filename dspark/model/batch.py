@@ -126,6 +126,15 @@ class StepIndex:
             self._memo[key] = make()
         return self._memo[key]
 
+    def select(self, order: torch.Tensor) -> "StepIndex":
+        """The same rules for the tokens `order` [n] of this forward only (rows of the batch stay where
+        they are: `gather` still reads this forward's rows by their flat index)."""
+        sub = object.__new__(StepIndex)
+        sub.batch, sub.causal, sub.context, sub._memo = self.batch, self.causal, self.context, {}
+        for name in ("positions", "valid", "slot", "cache_len", "new_start", "chunk_end"):
+            setattr(sub, name, getattr(self, name)[order])
+        return sub
+
     def pages(self, block_table: torch.Tensor) -> torch.Tensor:
         """block_table [slots, pages_per_slot] → each token's request's pages [T, pages_per_slot]."""
         return self.memo("pages", lambda: block_table[self.slot])
@@ -152,7 +161,7 @@ class StepIndex:
         this forward's T rows] → int64 [T, J] (no copy of either; callers mask positions they may not read)."""
         in_batch, flat, ring_row = self._locate(pos, ring.shape[1])
         ring_rows = ring.shape[0] * ring.shape[1]
-        from_batch = ring_rows + flat.clamp(0, self.valid.shape[0] - 1)
+        from_batch = ring_rows + flat.clamp(0, self.batch.num_tokens - 1)
         return torch.where(in_batch, from_batch, self.slot.unsqueeze(-1) * ring.shape[1] + ring_row)
 
     def ring_write(self, ring: torch.Tensor, rows: torch.Tensor, dummy_slot: int) -> None:

@@ -134,6 +134,19 @@ def test_hca_window_closes_inside_verify_chunk():
     h.prefill(0, MAX_LEN)
 
 
+def test_every_request_closing_its_most_windows():
+    """Entries are pooled only for the tokens that close a window, selected under the static bound
+    T // m + R. Three requests at position 15 ≡ −1 (mod 4 and 16) send 17 tokens each: 5 CSA and 2 HCA
+    windows close per request, exactly the bound (51 // 4 + 3 = 15, 51 // 16 + 3 = 6), with padding."""
+    h = Harness(tiny_model(), [60, 60, 60], seed=6)
+    for r in range(3):
+        h.prefill(r, 15)
+    h.step({0: (17, 17), 1: (17, 17), 2: (17, 17)}, pad=3)
+    h.step({0: (5, 5), 1: (9, 2), 2: (16, 16)})
+    for r in range(3):
+        h.prefill(r, 60)
+
+
 def test_chunked_prefill_equals_one_pass():
     h = Harness(tiny_model(), [100, 100], seed=9, max_batch=4)
     h.step({0: (100, 100)})  # one pass: chunk longer than every ring
