@@ -11,21 +11,11 @@ None path measured in the same run (the outputs are checked equal first).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench_experts import best_ms  # tools/ leads sys.path when this runs as a script
 from dspark import ops
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times)
 
 
 def main(argv=None) -> int:
