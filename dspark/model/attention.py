@@ -73,17 +73,8 @@ class Compressor(nn.Module):
         `pool` [pages, P/m, C], then append this forward's raw projections to the rings."""
         m = self.rate
         kv, gate = self.project(x)  # [T, series·C]: every token's, for the rings
-        t = kv.shape[0]
-        closes = idx.valid & ((idx.positions + 1) % m == 0)  # [T]
-        # Only closing tokens need an entry (each pools m or 2m raw rows). A request's n new tokens close
-        # at most n // m + 1 windows, so at most T // m + R do: a bound from shapes, a sync-free selection.
-        bound = min(t, t // m + idx.batch.slot.shape[0] - 1)
-        sel = idx
-        if bound < t:
-            order = torch.argsort((~closes).to(torch.int8), stable=True)[:bound]  # closing tokens first
-            sel, closes = idx.select(order), closes[order]
-        pos = sel.positions  # [n]
-        window = (pos + 1) // m - 1  # the window token t closes (when (t+1) mod m == 0)
+        sel, window, page, row = idx.memo(("closing tokens", m, pool.shape[1]),
+                                          lambda: self.closing_tokens(idx, pool, block_table))
         cur = window.clamp(min=0).unsqueeze(-1) * m + torch.arange(m, device=x.device)  # [n, m]
         cur_kv, cur_gate = sel.gather(kv, raw_kv, cur), sel.gather(gate, raw_gate, cur)
         prev_kv = prev_gate = None
@@ -93,14 +84,30 @@ class Compressor(nn.Module):
             prev_kv = torch.where(has_prev, sel.gather(kv, raw_kv, prev), 0.0)
             prev_gate = torch.where(has_prev, sel.gather(gate, raw_gate, prev), float("-inf"))
         entry = self.pool(cur_kv, cur_gate, prev_kv, prev_gate, window.clamp(min=0))  # [n, C]
+        pool[page, row] = entry.to(pool.dtype)
+        idx.ring_write(raw_kv, kv, dummy_slot)
+        idx.ring_write(raw_gate, gate, dummy_slot)
+
+    def closing_tokens(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor):
+        """The tokens that may close a window of this rate and where their entries go → (their StepIndex
+        (n tokens), window [n], page [n] (0, the trash page, where a token closes nothing), row in the
+        page [n]). The same for every layer of one rate and page layout: built once per forward.
+
+        Only closing tokens need an entry (each pools m or 2m raw rows). A request's n new tokens close at
+        most n // m + 1 windows, so at most T // m + R do: a bound from shapes, a sync-free selection."""
+        m, t = self.rate, idx.positions.shape[0]
+        closes = idx.valid & ((idx.positions + 1) % m == 0)  # [T]
+        sel, bound = idx, min(t, t // m + idx.batch.slot.shape[0] - 1)
+        if bound < t:
+            order = torch.argsort((~closes).to(torch.int8), stable=True)[:bound]  # closing tokens first
+            sel, closes = idx.select(order), closes[order]
+        window = (sel.positions + 1) // m - 1  # the window a token closes (when (t+1) mod m == 0)
         page_size = pool.shape[1] * m
         first = window.clamp(min=0) * m
         # Padding rows may carry any position: clamp the page lookup, their writes go to the trash page.
         page_index = (first // page_size).clamp(max=block_table.shape[1] - 1)
-        page = torch.where(closes, block_table[sel.slot, page_index], 0)  # page 0: trash
-        pool[page, (first % page_size) // m] = entry.to(pool.dtype)
-        idx.ring_write(raw_kv, kv, dummy_slot)
-        idx.ring_write(raw_gate, gate, dummy_slot)
+        page = torch.where(closes, block_table[sel.slot, page_index], 0)
+        return sel, window, page, (first % page_size) // m
 
     def entry_rows(self, idx: StepIndex, pool: torch.Tensor, block_table: torch.Tensor,
                    entries: torch.Tensor) -> torch.Tensor:
