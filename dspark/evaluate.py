@@ -62,14 +62,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dspark import ops
+from dspark import checkpoint, ops
 from dspark.config import SamplingParams
 from dspark.decode.buffers import SlotState
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.decode.engine import Engine
 from dspark.decode.ngram import NgramDrafter
 from dspark.decode.stats import RequestStats
-from dspark.train.corpus import DOMAINS, tokenize_corpus
+from dspark.data.corpus import DOMAINS, tokenize_corpus
 
 METHODS = ("ar", "ngram", "mtp-1", "mtp-k", "dflash", "dflash-l1", "dspark", "dspark-v4")
 DRAFT_METHODS = ("dflash", "dflash-l1", "dspark", "dspark-v4")
@@ -137,11 +137,6 @@ def _missing_stages(run: Path, methods: tuple[str, ...]) -> list[str]:
 
 def load_run(run_dir: str | Path, methods: tuple[str, ...] = METHODS) -> Run:
     """Load what `methods` need from a nano run directory; missing stages are named in the error."""
-    from dspark.model.draft import DraftModel
-    from dspark.model.draft_load import read_draft_config
-    from dspark.model.load import load_dspark_draft
-    from dspark.model.target import DeepseekV4
-
     run = Path(run_dir)
     if not run.is_dir():
         raise ValueError(f"no run directory at {run}")
@@ -149,18 +144,18 @@ def load_run(run_dir: str | Path, methods: tuple[str, ...] = METHODS) -> Run:
     if missing:
         raise ValueError(f"{run} lacks the {', the '.join(missing)}; finish the run with "
                          f"`dspark train-nano --out {run}` (add --smoke for a smoke run)")
-    target = DeepseekV4.from_pretrained(run / "target" / "final").eval()
+    target = checkpoint.load_target(run / "target" / "final").eval()
     if any(m.startswith("mtp") for m in methods) and not target.has_mtp:
         raise ValueError(f"{run}/target/final has no MTP module (its checkpoint carries none under mtp.*)")
     drafts = {}
     for method in methods:
         if method in DRAFT_METHODS:
             where = run / "drafts" / method / "draft"
-            draft = load_dspark_draft(where, target) if method == "dspark-v4" else DraftModel.from_pretrained(where)
+            draft = checkpoint.load_draft(where, target)
             drafts[method] = draft.eval()
     dspark_dir = run / "drafts" / "dspark" / "draft"
     if (dspark_dir / "config.json").exists():
-        k = read_draft_config(dspark_dir).block_size
+        k = checkpoint.read_draft_config(dspark_dir).block_size
     elif target.config.dspark is not None:
         k = target.config.dspark.block_size
     else:
@@ -309,7 +304,7 @@ def _mtp_drafter_tf(target, view: TargetView, k: int) -> Callable[[torch.Tensor]
                 allowed = win >= 0
                 keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)
                 o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), attn.sinks, attn.scale,
-                                       impl=attn.kernels)[:, 0]
+                                       kernels=attn.kernels)[:, 0]
                 return attn.project_out(o, cos, sin)
 
             tok = ids[anchors + j]

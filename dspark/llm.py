@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from dspark import checkpoint
 from dspark.config import KERNELS, ModelConfig, SamplingParams
 from dspark.decode.engine import METHODS, Engine, RequestOutput
 from dspark.decode.stats import RequestStats
@@ -148,7 +149,7 @@ class LLM:
         drafter = None
         if dirs is not None:
             model_dir, drafts_dir = dirs
-            self.target = DeepseekV4.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device, kernels=kernels)
+            self.target = checkpoint.load_target(model_dir, dtype=DTYPES[dtype], device=device, kernels=kernels)
             self.tokenizer = load_tokenizer(model_dir)
             self.random_weights = False
             if method in DRAFT_METHODS:
@@ -178,22 +179,12 @@ class LLM:
 
     def _drafter(self, drafts_dir: Path | None, method: str, max_batch: int, max_seq_len: int | None, dtype: str,
                  device: str, kernels: str):
-        from dspark.decode.dspark import DSparkDrafter
+        from dspark.decode.block import DSparkDrafter
 
         path = None if drafts_dir is None else drafts_dir / method
         if path is None or not (path / "config.json").exists():
             raise ValueError(f"no trained {method!r} draft next to the model (looked for {path})")
-        if method == "dspark-v4":
-            from dspark.model.load import load_dspark_draft
-
-            draft = load_dspark_draft(path, self.target, dtype=DTYPES[dtype], device=device, kernels=kernels)
-        else:
-            from dspark.model.draft_load import load_draft
-
-            # A shipped draft may leave out its frozen copies of the target's embedding and head.
-            draft = load_draft(path, dtype=DTYPES[dtype], device=device,
-                               shared_embed=self.target.model.embed_tokens.weight.detach(),
-                               shared_head=self.target.lm_head.weight.detach(), kernels=kernels)
+        draft = checkpoint.load_draft(path, self.target, dtype=DTYPES[dtype], device=device, kernels=kernels)
         length = max_seq_len or min(self.target.config.max_position_embeddings, 4096)
         return DSparkDrafter(draft.eval(), max_batch=max_batch, max_seq_len=length, name=method)
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dspark.checkpoint import save
 from dspark.cli import main
 from dspark.config import ModelConfig
 from dspark.model import DeepseekV4
@@ -69,7 +70,7 @@ def test_stop_string_cuts_the_output(capsys):
 
 
 def test_checkpoint_directory(capsys, tmp_path):
-    DeepseekV4.random(ModelConfig.tiny(), seed=0).save_pretrained(tmp_path)
+    save(DeepseekV4.random(ModelConfig.tiny(), seed=0), tmp_path)
     rc, _, err = run(capsys, "--model", str(tmp_path))
     assert rc == 1 and err.strip().splitlines() == [f"error: no tokenizer.json in {tmp_path} "
                                                     "(dspark reads HF `tokenizers` JSON files only)"]
@@ -160,7 +161,7 @@ def test_terminal_output_escapes_control_characters(capsys, monkeypatch):
 def test_train_draft_end_to_end(tmp_path, capsys):
     """`dspark train-draft` on the tiny preset: trains, saves, calibrates, resumes."""
     from dspark.cli import main
-    from dspark.model.draft_load import load_draft
+    from dspark.checkpoint import load_draft
 
     out = tmp_path / "run"
     args = ["train-draft", "--out", str(out), "--steps", "6", "--sequences", "6", "--seq-len", "40",

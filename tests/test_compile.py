@@ -11,7 +11,7 @@ import torch
 import dspark.decode.engine as engine_module
 from dspark.config import ModelConfig, SamplingParams
 from dspark.decode import Engine
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.model import DeepseekV4
 from dspark.model.batch import Batch
 from dspark.model.cache import TargetCache

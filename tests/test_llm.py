@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from dspark.checkpoint import save
 from dspark.config import ModelConfig
 from dspark.llm import LLM
 from dspark.model import DeepseekV4
@@ -28,7 +29,7 @@ def greedy(llm):
 
 def test_checkpoint_directory(tmp_path, greedy):
     """The preset's weights saved with a tokenizer: same tokens, not marked random, eos merged."""
-    DeepseekV4.random(ModelConfig.tiny(), seed=0).save_pretrained(tmp_path)
+    save(DeepseekV4.random(ModelConfig.tiny(), seed=0), tmp_path)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         LLM(tmp_path)
     byte_tokenizer(ModelConfig.tiny().vocab_size).hf.save(str(tmp_path / "tokenizer.json"))

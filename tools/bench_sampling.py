@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     v, gamma = args.vocab, args.gamma
-    print(f"V={v}, γ={gamma}, {args.threads} thread(s); best of {args.repeats}; impl='ref'")
+    print(f"V={v}, γ={gamma}, {args.threads} thread(s); best of {args.repeats}; kernels='ref'")
     print(f"{'op':>15} {'R':>4} {'zeros ms':>9} {'None ms':>8} {'None speed-up':>14}")
     for r in (int(x) for x in args.requests.split(",")):
         logits = torch.randn(r, v, generator=g) * 3
@@ -44,11 +44,11 @@ def main(argv=None) -> int:
 
         def rejection(t):
             return ops.chain_rejection(target, start, lengths, draft, tokens, t, None, None, stops, accept_u,
-                                       sample_u, impl="ref")
+                                       sample_u, kernels="ref")
 
         cases = {
-            "probs": lambda t: ops.probs(logits, t, None, None, impl="ref"),
-            "sample_logits": lambda t: ops.sample_logits(logits, t, None, None, u, impl="ref"),
+            "probs": lambda t: ops.probs(logits, t, None, None, kernels="ref"),
+            "sample_logits": lambda t: ops.sample_logits(logits, t, None, None, u, kernels="ref"),
             "chain_rejection": rejection,
         }
         for name, fn in cases.items():

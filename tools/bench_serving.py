@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dspark.config import SamplingParams
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.decode.engine import Engine
 from dspark.decode.sps import profile_sps
 from dspark.evaluate import heldout_files, load_run

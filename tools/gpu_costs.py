@@ -66,7 +66,7 @@ from dspark.config import DSparkFields, ModelConfig
 from dspark.decode.sps import profile_sps
 from dspark.model.batch import Batch, StepIndex
 from dspark.model.cache import TargetCache
-from dspark.model.draft_v4 import V4DSparkDraft
+from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4, cached_attend, randomize_
 from dspark.simulate import CostTable
 

@@ -55,8 +55,8 @@ class MTPDrafter(Drafter):
         logits, streams = self.last_logits, self.last_streams
         tokens, all_logits = [], []
         for j in range(self.num_draft_tokens):
-            impl = self.target.config.kernels
-            token = ops.sample(ops.probs(logits, *sampling, impl=impl), u[:, j], impl=impl)
+            kernels = self.target.config.kernels
+            token = ops.sample(ops.probs(logits, *sampling, kernels=kernels), u[:, j], kernels=kernels)
             tokens.append(token)
             all_logits.append(logits)
             if j + 1 == self.num_draft_tokens:

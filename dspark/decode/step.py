@@ -102,8 +102,8 @@ def prefill_step(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     out = target.forward_batch(batch, cache, tap_layers=drafter.tap_layers)
     logits = out.logits  # [R, V]: one row per slot
     u = ops.uniforms(slots.seed, slots.offset, 1)[:, 0]
-    impl = target.config.kernels
-    first = ops.sample(ops.probs(logits, *slots.sampling(), impl=impl), u, impl=impl)
+    kernels = target.config.kernels
+    first = ops.sample(ops.probs(logits, *slots.sampling(), kernels=kernels), u, kernels=kernels)
     done = layout.completes
     slots.anchor.copy_(torch.where(done, first, slots.anchor))
     slots.offset.add_(done.long())
@@ -156,7 +156,7 @@ def verify_round(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     out = target.forward_batch(batch, cache, tap_layers=drafter.tap_layers)
     accepted, emitted, num, stopped = ops.chain_rejection(
         out.logits, layout.start, layout.verify_len, proposal.logits, proposal.tokens, *slots.sampling(),
-        slots.stop_tokens, u[:, gamma:2 * gamma], u[:, 2 * gamma], impl=target.config.kernels)
+        slots.stop_tokens, u[:, gamma:2 * gamma], u[:, 2 * gamma], kernels=target.config.kernels)
     if plan.tracker is not None and proposal.confidence is not None:
         plan.tracker.update(proposal.confidence, layout.verify_len, accepted, active, slots.temperature)
     nxt = emitted.gather(1, accepted.unsqueeze(-1)).squeeze(-1)  # correction / bonus (−1 after a draft stop)

@@ -63,7 +63,7 @@ class Compressor(nn.Module):
             prev_gate = prev_gate.float() + self.position_bias
             kv = torch.cat([prev_kv[..., :c], kv[..., c:]], dim=-2)  # [..., 2m, C]
             gate = torch.cat([prev_gate[..., :c], gate[..., c:]], dim=-2)
-        entry = self.kv_norm(ops.compress_windows(kv, gate, impl=self.kernels).to(kv.dtype))
+        entry = self.kv_norm(ops.compress_windows(kv, gate, kernels=self.kernels).to(kv.dtype))
         cos, sin = self.rotary(window * self.rate)
         return apply_rope(entry, cos, sin)
 
@@ -235,7 +235,7 @@ class Attention(nn.Module):
         index_keys [B, W, di], or a pool [P, di] with `rows` [B, W] naming each entry's row (ops.indexer)."""
         indexer = self.compressor.indexer
         _, top = ops.indexer_select(indexer.queries(q_lat, cos, sin), index_keys, indexer.scorer(x), visible,
-                                    self.index_topk, rows=rows, impl=self.kernels)
+                                    self.index_topk, rows=rows, kernels=self.kernels)
         return top
 
     def select_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -295,7 +295,7 @@ class Attention(nn.Module):
             parts.append(cache.entries.flatten(0, 1))
             index = torch.cat([index, torch.where(rows >= 0, rows + start, -1)], dim=-1)
         o = ops.sparse_sink_attention(q.to(ring.dtype), parts, index, self.sinks, self.scale,
-                                      impl=self.kernels).to(x.dtype)
+                                      kernels=self.kernels).to(x.dtype)
         idx.ring_write(ring, kv, dummy_slot)
         return self.project_out(o, cos, sin)
 
@@ -336,5 +336,5 @@ class Attention(nn.Module):
                 entry_allowed = torch.arange(entries.shape[1], device=x.device) < visible.unsqueeze(-1)
             keys = torch.cat([keys, entries], dim=1)
             allowed = torch.cat([allowed, entry_allowed], dim=-1)
-        o = ops.sink_attention(q, keys, allowed, self.sinks, self.scale, impl=self.kernels)
+        o = ops.sink_attention(q, keys, allowed, self.sinks, self.scale, kernels=self.kernels)
         return self.project_out(o, cos, sin)

@@ -26,8 +26,8 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor):
         """streams [..., N, D] → post [..., N], comb [..., N, N] (fp32), block input [..., D]."""
         pre, post, comb = ops.hc_weights(streams, self.fn, self.base, self.scale, self.sinkhorn_iters,
-                                         self.hc_eps, self.rms_eps, impl=self.kernels)
-        return post, comb, ops.hc_collapse(pre, streams, impl=self.kernels)
+                                         self.hc_eps, self.rms_eps, kernels=self.kernels)
+        return post, comb, ops.hc_collapse(pre, streams, kernels=self.kernels)
 
 
 class HyperHead(nn.Module):
@@ -45,4 +45,4 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         return ops.hc_head(streams, self.hc_fn, self.hc_base, self.hc_scale, self.hc_eps, self.rms_eps,
-                           impl=self.kernels)
+                           kernels=self.kernels)

@@ -29,9 +29,9 @@ class Router(nn.Module):
         """x [N, D], input_ids [N] → weights fp32 [N, K], indices int64 [N, K]."""
         if self.kind == "hash":
             return ops.hash_route(x, self.weight, self.tid2eid, input_ids, self.scoring_func, self.scaling,
-                                  impl=self.kernels)
+                                  kernels=self.kernels)
         return ops.score_route(x, self.weight, self.e_score_correction_bias, self.top_k, self.scoring_func,
-                               self.scaling, impl=self.kernels)
+                               self.scaling, kernels=self.kernels)
 
 
 class Experts(nn.Module):
@@ -50,7 +50,7 @@ class Experts(nn.Module):
         # inference keeps the sync-free one.
         if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             return ops.experts_sorted(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
-        return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit, impl=self.kernels)
+        return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit, kernels=self.kernels)
 
 
 class SharedExpert(nn.Module):

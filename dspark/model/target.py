@@ -1,7 +1,7 @@
 """The DeepSeek-V4 target model (HF transformers 5.24 semantics, deepseek_v4.md).
 
 Module and parameter names equal HF's in-memory `DeepseekV4ForCausalLM` names, so an HF
-`state_dict` loads 1:1; upstream names and quantised releases go through `dspark.model.load`.
+`state_dict` loads 1:1; upstream names and quantised releases go through `dspark.checkpoint.v4`.
 The dense `forward` here runs full sequences without a cache: it is the specification every
 cached / ragged path is tested against.
 """
@@ -50,10 +50,10 @@ class DecoderLayer(nn.Module):
         (dense or cached) on the normed block input x [..., D]; `valid` False marks padding."""
         post, comb, x = self.attn_hc(streams)
         streams = ops.hc_expand(post, comb, attend(self.self_attn, self.input_layernorm(x)), streams,
-                                impl=self.kernels)
+                                kernels=self.kernels)
         post, comb, x = self.ffn_hc(streams)
         f = self.mlp(self.post_attention_layernorm(x), input_ids, valid, expert_load)
-        return ops.hc_expand(post, comb, f, streams, impl=self.kernels)
+        return ops.hc_expand(post, comb, f, streams, kernels=self.kernels)
 
 
 def dense_attend(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -122,22 +122,12 @@ class DeepseekV4(nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", num_layers: int | None = None,
                         kernels: str = "auto") -> "DeepseekV4":
-        """Load an HF-named, upstream-named or sharded FP8/FP4 checkpoint directory."""
-        from dspark.model.load import load_model
+        """Load an HF-named, upstream-named or sharded FP8/FP4 checkpoint directory: the README's entry
+        point, a facade over `dspark.checkpoint.load_target` (the one import against the package order,
+        allowed by name in tests/test_imports.py)."""
+        from dspark.checkpoint import load_target
 
-        return load_model(path, dtype=dtype, device=device, num_layers=num_layers, kernels=kernels)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json + safetensors with upstream names (the only layout that can hold `mtp.*`)."""
-        from dspark.model.load import save_pretrained
-
-        save_pretrained(self, path)
-
-    def load_weights(self, path: str | Path) -> None:
-        """Copy a checkpoint of this architecture into the model in place (strict; e.g. to resume)."""
-        from dspark.model.load import load_weights
-
-        load_weights(self, path, load_mtp=self.has_mtp)
+        return load_target(path, dtype=dtype, device=device, num_layers=num_layers, kernels=kernels)
 
     def to_dtype(self, dtype: torch.dtype) -> "DeepseekV4":
         """Cast floating parameters to `dtype`, keeping the fp32 islands (never use `.to(bf16)`)."""

@@ -1,9 +1,9 @@
 """The op surface used by `dspark.model` and `dspark.decode`.
 
 Each op module holds its plain-PyTorch reference (`<op>_ref`, the specification) and the name the
-rest of the package calls. Ops with Triton kernels take `impl="auto" | "triton" | "ref"` (auto: the
+rest of the package calls. Ops with Triton kernels take `kernels="auto" | "triton" | "ref"` (auto: the
 kernel when every input is on CUDA and Triton imports) and are registered as `dspark::<op>`. Modules
-pass their config's `kernels` field (`ModelConfig.kernels`, `DraftConfig.kernels`) as `impl`.
+pass their config's `kernels` field (`ModelConfig.kernels`, `DraftConfig.kernels`) as `kernels`.
 """
 
 from dspark.ops.attention import sink_attention, sink_attention_ref, sparse_sink_attention, sparse_sink_attention_ref

@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from dspark.config import KERNELS
+
 try:
     import triton
     import triton.language as tl
@@ -31,7 +33,6 @@ if not HAS_TRITON:  # pragma: no cover
     triton = _NoTriton()
     tl = None
 
-IMPLS = ("auto", "triton", "ref")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -45,23 +46,23 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
-    """impl "ref" → False; "triton" → True (raises without Triton); "auto" → True iff Triton imports, every
+def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
+    """kernels "ref" → False; "triton" → True (raises without Triton); "auto" → True iff Triton imports, every
     tensor is on CUDA and autograd is not recording through any of them (the kernels are forward-only, so
-    training keeps the differentiable reference). CPU tensors with impl="triton" need TRITON_INTERPRET=1
+    training keeps the differentiable reference). CPU tensors with kernels="triton" need TRITON_INTERPRET=1
     set before Triton is first imported (the tests do this)."""
-    if impl == "ref":
+    if kernels == "ref":
         return False
-    if impl == "triton":
+    if kernels == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("impl='triton' needs the `triton` package and torch >= 2.6")
+            raise RuntimeError("kernels='triton' needs the `triton` package and torch >= 2.6")
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            raise ValueError("impl='triton' kernels are forward-only; use impl='ref' (or no_grad) for autograd")
+            raise ValueError("kernels='triton' kernels are forward-only; use kernels='ref' (or no_grad) for autograd")
         return True
-    if impl == "auto":
+    if kernels == "auto":
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         return HAS_TRITON and not grad and all(t.is_cuda for t in tensors)
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 
 def check(cond: bool, msg: str) -> None:
@@ -125,7 +126,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
             from torch.fx.experimental.proxy_tensor import get_proxy_mode
             if get_proxy_mode() is not None:
                 raise RuntimeError("interpreted Triton kernels (TRITON_INTERPRET=1) cannot be traced into a graph; "
-                                   "trace on a GPU or use impl='ref'")
+                                   "trace on a GPU or use kernels='ref'")
             return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 

@@ -214,24 +214,24 @@ def _view(x: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+# The public ops: kernels "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def sparse_sink_attention(q, pool, index, sinks, scale: float, *, impl: str = "auto"):
+def sparse_sink_attention(q, pool, index, sinks, scale: float, *, kernels: str = "auto"):
     """Attention of q [T, H, D] over the pool rows `index` [T, S] names → [T, H, D]; `pool` is a tensor or a
     list of up to three (their concatenation); see `sparse_sink_attention_ref`."""
     parts = _pool_parts(pool)
-    if use_triton(impl, q, *parts, index, sinks):
+    if use_triton(kernels, q, *parts, index, sinks):
         return _sparse_sink_attention_triton(q, parts, index, sinks, float(scale))
     return sparse_sink_attention_ref(q, pool, index, sinks, scale)
 
 
-def sink_attention(q, kv, allowed, sinks, scale: float, *, impl: str = "auto"):
+def sink_attention(q, kv, allowed, sinks, scale: float, *, kernels: str = "auto"):
     """Dense-mask attention, shapes in the module docstring; meaning: `sink_attention_ref`.
 
     The kernel path is `sparse_sink_attention` over kv flattened to a [B·S, D] pool with
     index[b·T + t, s] = b·S + s where allowed, else −1 (q and kv must flatten without a copy)."""
-    if not use_triton(impl, q, kv, allowed, sinks):
+    if not use_triton(kernels, q, kv, allowed, sinks):
         return sink_attention_ref(q, kv, allowed, sinks, scale)
     check_tensor("q", q, ndim=4)
     b, t, h, d = (int(s) for s in q.shape)

@@ -98,11 +98,11 @@ def _compress_windows_triton(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------
-# The public op: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+# The public op: kernels "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def compress_windows(kv, gate, *, impl: str = "auto"):
+def compress_windows(kv, gate, *, kernels: str = "auto"):
     """One pooled entry per window → [..., C] fp32; see `compress_windows_ref`."""
-    if use_triton(impl, kv, gate):
+    if use_triton(kernels, kv, gate):
         return _compress_windows_triton(kv, gate)
     return compress_windows_ref(kv, gate)

@@ -368,34 +368,34 @@ def _indexer_select_triton(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------
-# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+# The public ops: kernels "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
 def _inputs(*tensors):
     return [t for t in tensors if t is not None]
 
 
-def indexer_scores(q, keys, w, *, rows=None, impl: str = "auto"):
+def indexer_scores(q, keys, w, *, rows=None, kernels: str = "auto"):
     """Index scores [B, T, W] fp32 of dense keys [B, W, di], or of pool rows keys[rows] (rows [B, W]); see
     `indexer_scores_ref`."""
     _check_keys_mode(keys, rows)
-    if use_triton(impl, *_inputs(q, keys, w, rows)):
+    if use_triton(kernels, *_inputs(q, keys, w, rows)):
         return _indexer_scores_triton(q, keys, w, rows)
     return indexer_scores_ref(q, keys, w, rows=rows)
 
 
-def indexer_topk(scores, visible, k: int, *, impl: str = "auto"):
+def indexer_topk(scores, visible, k: int, *, kernels: str = "auto"):
     """The top min(k, W) visible entries per query, by index, −1 padded → [B, T, k] int64; see
     `indexer_topk_ref`."""
-    if use_triton(impl, scores, visible):
+    if use_triton(kernels, scores, visible):
         return _indexer_topk_triton(scores, visible, int(k))
     return indexer_topk_ref(scores, visible, k)
 
 
-def indexer_select(q, keys, w, visible, k: int, *, rows=None, impl: str = "auto"):
+def indexer_select(q, keys, w, visible, k: int, *, rows=None, kernels: str = "auto"):
     """(scores, topk) in one launch: `indexer_topk(indexer_scores(q, keys, w, rows=rows), visible, k)` without a
     second launch or a separate min / max pass; see `indexer_select_ref`."""
     _check_keys_mode(keys, rows)
-    if use_triton(impl, *_inputs(q, keys, w, visible, rows)):
+    if use_triton(kernels, *_inputs(q, keys, w, visible, rows)):
         return _indexer_select_triton(q, keys, w, visible, int(k), rows)
     return indexer_select_ref(q, keys, w, visible, k, rows=rows)

@@ -194,17 +194,17 @@ def _markov_sample_triton(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tenso
     return out, tokens
 
 
-def markov_logits(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def markov_logits(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, *, kernels: str = "auto") -> torch.Tensor:
     """Ũ = U + W2·x for one slot → [R, V] fp32; see the module docstring."""
-    if use_triton(impl, logits, x, w2):
+    if use_triton(kernels, logits, x, w2):
         return _markov_logits_triton(logits, x, w2)
     return markov_logits_ref(logits, x, w2)
 
 
 def markov_sample(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tensor, temperature: torch.Tensor,
-                  top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor, *, impl: str = "auto"
+                  top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor, *, kernels: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One slot in one launch → (Ũ [R, V] fp32, tokens [R] int64); see `markov_sample_ref`."""
-    if use_triton(impl, logits, x, w2, u):
+    if use_triton(kernels, logits, x, w2, u):
         return _markov_sample_triton(logits, x, w2, *params_or_off(temperature, top_k, top_p, logits), u)
     return markov_sample_ref(logits, x, w2, temperature, top_k, top_p, u)

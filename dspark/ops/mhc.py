@@ -323,41 +323,41 @@ def _hc_expand_triton(post: torch.Tensor, comb: torch.Tensor, block_out: torch.T
 
 
 # ----------------------------------------------------------------------------------------------------
-# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+# The public ops: kernels "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
-def hc_weights(streams, fn, base, scale, sinkhorn_iters: int, hc_eps: float, rms_eps: float, *, impl: str = "auto"):
+def hc_weights(streams, fn, base, scale, sinkhorn_iters: int, hc_eps: float, rms_eps: float, *, kernels: str = "auto"):
     """(pre, post, comb) fp32; see `hc_weights_ref`."""
-    if use_triton(impl, streams, fn, base, scale):
+    if use_triton(kernels, streams, fn, base, scale):
         return _hc_weights_triton(streams, fn, base, scale, int(sinkhorn_iters), float(hc_eps), float(rms_eps))
     return hc_weights_ref(streams, fn, base, scale, sinkhorn_iters, hc_eps, rms_eps)
 
 
 def hc_weights_collapse(streams, fn, base, scale, sinkhorn_iters: int, hc_eps: float, rms_eps: float, *,
-                        impl: str = "auto"):
+                        kernels: str = "auto"):
     """(pre, post, comb, collapsed block input) in one kernel; see `hc_weights_collapse_ref`."""
-    if use_triton(impl, streams, fn, base, scale):
+    if use_triton(kernels, streams, fn, base, scale):
         return _hc_weights_collapse_triton(streams, fn, base, scale, int(sinkhorn_iters), float(hc_eps),
                                            float(rms_eps))
     return hc_weights_collapse_ref(streams, fn, base, scale, sinkhorn_iters, hc_eps, rms_eps)
 
 
-def hc_collapse(pre, streams, *, impl: str = "auto"):
+def hc_collapse(pre, streams, *, kernels: str = "auto"):
     """Σ_n pre[n]·X[n] → [..., D]; see `hc_collapse_ref`."""
-    if use_triton(impl, pre, streams):
+    if use_triton(kernels, pre, streams):
         return _hc_collapse_triton(pre, streams)
     return hc_collapse_ref(pre, streams)
 
 
-def hc_expand(post, comb, block_out, streams, *, impl: str = "auto"):
+def hc_expand(post, comb, block_out, streams, *, kernels: str = "auto"):
     """post·y + combᵀ·X → [..., N, D]; see `hc_expand_ref`."""
-    if use_triton(impl, post, comb, block_out, streams):
+    if use_triton(kernels, post, comb, block_out, streams):
         return _hc_expand_triton(post, comb, block_out, streams)
     return hc_expand_ref(post, comb, block_out, streams)
 
 
-def hc_head(streams, hc_fn, hc_base, hc_scale, hc_eps: float, rms_eps: float, *, impl: str = "auto"):
+def hc_head(streams, hc_fn, hc_base, hc_scale, hc_eps: float, rms_eps: float, *, kernels: str = "auto"):
     """Final stream collapse → [..., D]; see `hc_head_ref`."""
-    if use_triton(impl, streams, hc_fn, hc_base, hc_scale):
+    if use_triton(kernels, streams, hc_fn, hc_base, hc_scale):
         return _hc_head_triton(streams, hc_fn, hc_base, hc_scale, float(hc_eps), float(rms_eps))
     return hc_head_ref(streams, hc_fn, hc_base, hc_scale, hc_eps, rms_eps)

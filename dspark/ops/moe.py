@@ -268,16 +268,16 @@ def _hash_route_triton(x: torch.Tensor, gate_w: torch.Tensor, tid2eid: torch.Ten
                          hashed=True)
 
 
-def score_route(x, gate_w, bias, k: int, scoring_func: str, scaling: float, *, impl: str = "auto"):
+def score_route(x, gate_w, bias, k: int, scoring_func: str, scaling: float, *, kernels: str = "auto"):
     """Score routing → (weights fp32 [N, K], indices int64 [N, K]); see `score_route_ref`."""
-    if use_triton(impl, x, gate_w, bias):
+    if use_triton(kernels, x, gate_w, bias):
         return _score_route_triton(x, gate_w, bias, int(k), scoring_func, float(scaling))
     return score_route_ref(x, gate_w, bias, k, scoring_func, scaling)
 
 
-def hash_route(x, gate_w, tid2eid, input_ids, scoring_func: str, scaling: float, *, impl: str = "auto"):
+def hash_route(x, gate_w, tid2eid, input_ids, scoring_func: str, scaling: float, *, kernels: str = "auto"):
     """Hash routing → (weights fp32 [N, K], indices int64 [N, K]); see `hash_route_ref`."""
-    if use_triton(impl, x, gate_w, tid2eid, input_ids):
+    if use_triton(kernels, x, gate_w, tid2eid, input_ids):
         return _hash_route_triton(x, gate_w, tid2eid, input_ids, scoring_func, float(scaling))
     return hash_route_ref(x, gate_w, tid2eid, input_ids, scoring_func, scaling)
 
@@ -505,10 +505,10 @@ DENSE_MIN_TOKENS_PER_RATIO = 2
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor, limit: float, *, impl: str = "auto") -> torch.Tensor:
+            down: torch.Tensor, limit: float, *, kernels: str = "auto") -> torch.Tensor:
     """Sync-free routed experts for inference: the grouped Triton kernels on CUDA; on CPU `experts_dense`
     where it is faster (decided from static shapes), else the reference."""
-    if use_triton(impl, x, weights, indices, gate_up, down):
+    if use_triton(kernels, x, weights, indices, gate_up, down):
         return _experts_triton(x, weights, indices, gate_up, down, float(limit))
     ratio = gate_up.shape[0] / indices.shape[1]
     if x.device.type == "cpu" and ratio <= DENSE_MAX_RATIO and x.shape[0] >= DENSE_MIN_TOKENS_PER_RATIO * ratio:

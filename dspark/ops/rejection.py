@@ -318,10 +318,10 @@ def _chain_rejection_triton(target_logits: torch.Tensor, start: torch.Tensor, ve
 
 
 def chain_rejection(target_logits, start, verify_len, draft_logits, draft_tokens, temperature, top_k, top_p,
-                    stop_tokens, accept_u, sample_u, *, impl: str = "auto"):
-    """(accepted, emitted, num_emitted, stopped); see `chain_rejection_ref`. impl: "auto" | "triton" | "ref"."""
+                    stop_tokens, accept_u, sample_u, *, kernels: str = "auto"):
+    """(accepted, emitted, num_emitted, stopped); see `chain_rejection_ref`. kernels: "auto" | "triton" | "ref"."""
     args = (target_logits, start, verify_len, draft_logits, draft_tokens, temperature, top_k, top_p, stop_tokens,
             accept_u, sample_u)
-    if use_triton(impl, *(a for a in args if a is not None)):
+    if use_triton(kernels, *(a for a in args if a is not None)):
         return _chain_rejection_triton(*args[:5], *params_or_off(temperature, top_k, top_p, start), *args[8:])
     return chain_rejection_ref(*args)

@@ -490,7 +490,7 @@ def _sample_triton(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The public ops: impl "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
+# The public ops: kernels "ref" → reference, "triton" → kernel, "auto" → kernel on CUDA inputs.
 
 
 def params_or_off(temperature: torch.Tensor | None, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
@@ -504,23 +504,23 @@ def params_or_off(temperature: torch.Tensor | None, top_k: torch.Tensor | None, 
 
 
 def probs(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None,
-          top_p: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
+          top_p: torch.Tensor | None, *, kernels: str = "auto") -> torch.Tensor:
     """Filtered sampling distribution [N, V] fp32; see `probs_ref`."""
-    if use_triton(impl, logits):
+    if use_triton(kernels, logits):
         return _probs_triton(logits, *params_or_off(temperature, top_k, top_p, logits))
     return probs_ref(logits, temperature, top_k, top_p)
 
 
-def sample(probs: torch.Tensor, u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def sample(probs: torch.Tensor, u: torch.Tensor, *, kernels: str = "auto") -> torch.Tensor:
     """Inverse-CDF token per row [N] int64; see `sample_ref`."""
-    if use_triton(impl, probs, u):
+    if use_triton(kernels, probs, u):
         return _sample_triton(probs, u)
     return sample_ref(probs, u)
 
 
 def sample_logits(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor | None,
-                  top_p: torch.Tensor | None, u: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+                  top_p: torch.Tensor | None, u: torch.Tensor, *, kernels: str = "auto") -> torch.Tensor:
     """`sample(probs(...), u)` in one pass set, without writing the probabilities; see `sample_logits_ref`."""
-    if use_triton(impl, logits, u):
+    if use_triton(kernels, logits, u):
         return _sample_logits_triton(logits, *params_or_off(temperature, top_k, top_p, logits), u)
     return sample_logits_ref(logits, temperature, top_k, top_p, u)

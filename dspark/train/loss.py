@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dspark.model.draft import TrainOutput, block_label_index
+from dspark.draft.protocol import TrainOutput, block_label_index
 
 LOSS_EPS = 1e-6
 _TERMS = ("ce", "l1", "confidence")

@@ -30,15 +30,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dspark import checkpoint
 from dspark.config import DSparkFields, ModelConfig, RopeConfig, TrainConfig
-from dspark.train import corpus as corpus_stage
+from dspark.data import corpus as corpus_stage
 from dspark.train.data import SequenceData
 from dspark.train.pretrain import PretrainConfig, TargetTrainer
 from dspark.train.recipe import calibrate_draft, new_draft, train_draft
+from dspark.model.target import DeepseekV4
 from dspark.train.trainer import weights_hash
 
 DRAFT_KINDS = ("dspark", "dflash", "dflash-l1", "dspark-v4")
-NOISE_TOKEN = 3  # <|mask|> of the nano tokenizer (dspark.train.corpus.SPECIAL_TOKENS)
+NOISE_TOKEN = 3  # <|mask|> of the nano tokenizer (dspark.data.corpus.SPECIAL_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -169,13 +171,11 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
     _say(progress, f"{len(train_chunks)} training chunks of {recipe.seq_len + 1} tokens, vocabulary {vocab}")
 
     # ---------------------------------------------------------------- target
-    from dspark.model.target import DeepseekV4
-
     target_dir = out / "target"
     final_target = target_dir / "final"
     target = DeepseekV4.random(recipe.target_config(vocab), seed=recipe.seed)
     if (final_target / "config.json").exists():
-        target.load_weights(final_target)
+        checkpoint.load_weights(target, final_target)
     else:
         _say(progress, f"pretraining the target ({recipe.target_steps} steps)")
         cfg = TrainConfig(steps=recipe.target_steps, batch_size=recipe.target_batch, seq_len=recipe.seq_len + 1,
@@ -185,7 +185,7 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
         trainer.train(progress=progress, stop_after=stop_target_after)
         if trainer.step < recipe.target_steps:
             return {"target": weights_hash(target), "stopped_at": str(trainer.step)}
-        target.eval().save_pretrained(final_target)
+        checkpoint.save(target.eval(), final_target)
     target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
@@ -202,7 +202,7 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
             {} if kind == "dspark-v4" else dict(block_size=7, markov_rank=recipe.markov_rank,
                                                 mask_token_id=NOISE_TOKEN)))
         if (kind_dir / "draft" / "config.json").exists():
-            draft.load_weights(kind_dir / "draft")
+            checkpoint.load_weights(draft, kind_dir / "draft")
         else:
             _say(progress, f"training the {kind} draft ({recipe.draft_steps} steps)")
             cfg = TrainConfig(steps=recipe.draft_steps, batch_size=recipe.draft_batch, seq_len=recipe.draft_seq_len,
@@ -221,27 +221,22 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
 
 def export(out_dir: str | Path, dest: str | Path) -> Path:
     """Copy a finished run into a shippable directory: target (bf16), tokenizer, drafts, manifests."""
-    from dspark.model.target import DeepseekV4
-
     out, dest = Path(out_dir), Path(dest)
     if not (out / "hashes.json").exists():
         raise ValueError(f"{out} holds no finished nano run (hashes.json missing)")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    DeepseekV4.from_pretrained(out / "target" / "final", dtype=torch.bfloat16).save_pretrained(dest / "target")
+    checkpoint.save(checkpoint.load_target(out / "target" / "final", dtype=torch.bfloat16), dest / "target")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(out / "tokenizer" / name, dest / "target" / name)
-    target = DeepseekV4.from_pretrained(dest / "target")
+    target = checkpoint.load_target(dest / "target")
     for kind in DRAFT_KINDS:
         src, dst = out / "drafts" / kind / "draft", dest / "drafts" / kind
         if kind == "dspark-v4":
-            from dspark.model.load import load_dspark_draft
-
-            load_dspark_draft(src, target, dtype=torch.bfloat16).save_pretrained(dst)
+            checkpoint.save(checkpoint.load_v4_draft(src, target, dtype=torch.bfloat16), dst)
         else:  # bf16, and without the copies of the target's embedding and head (taken from the target)
-            from dspark.model.draft_load import load_draft, save_draft
-
-            save_draft(load_draft(src, dtype=torch.bfloat16), dst, include_shared=False)
+            checkpoint.save_deepspec_draft(checkpoint.load_deepspec_draft(src, dtype=torch.bfloat16), dst,
+                                           include_shared=False)
         if (src / "sts.json").exists():
             shutil.copy(src / "sts.json", dst / "sts.json")
     for name in ("recipe.json", "hashes.json"):

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from dspark import checkpoint
 from dspark.config import SamplingParams, TrainConfig
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.decode.engine import Engine
-from dspark.model.draft import DraftConfig, DraftModel
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
 from dspark.train import calibrate
 from dspark.train.data import OnTheFly, SequenceData
 from dspark.train.loss import LossConfig
@@ -51,7 +53,7 @@ def loss_config_for(kind: str) -> LossConfig:
 def new_draft(target, kind: str, seed: int, **draft_kw):
     """An untrained draft of `kind` for `target` (embedding and LM head copied from the target)."""
     if kind == "dspark-v4":
-        from dspark.model.draft_v4 import V4DSparkDraft
+        from dspark.draft.v4 import V4DSparkDraft
 
         if target.config.dspark is None:
             raise ValueError("a V4-layout draft needs dspark_* fields in the target config (block size, noise "
@@ -83,7 +85,7 @@ def train_draft(target, draft, sequences: SequenceData, config: TrainConfig, kin
     trainer = DraftTrainer(draft.train(), OnTheFly(target, sequences, draft.tap_layers, config.batch_size, config.seed),
                            config, loss_config_for(kind), out)
     last = trainer.train(progress=progress, resume=resume)
-    draft.eval().save_pretrained(Path(out) / "draft")
+    checkpoint.save(draft.eval(), Path(out) / "draft")
     return last
 
 

@@ -4,8 +4,8 @@
 the optimizer step (`after_step`). Each step draws its data as a pure function of (seed, step), so
 the only state is the step, the weights (buffers included) and the optimizer: a run stopped at any
 checkpoint and resumed ends with the same weights as an uninterrupted one. Every step appends one
-JSON line to `loss.jsonl`; a resumed run first drops lines past its checkpoint. The model provides
-`save_pretrained(dir)` and `load_weights(dir)`.
+JSON line to `loss.jsonl`; a resumed run first drops lines past its checkpoint. Models are saved and
+restored through `dspark.checkpoint` (`save`, `load_weights`).
 
 `DraftTrainer` trains a draft (embedding and LM head frozen: copies of the target's).
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dspark import checkpoint
 from dspark.config import TrainConfig
 from dspark.train.data import step_generator
 from dspark.train.loss import LossConfig, aligned_target_logits, dspark_loss, sample_anchors
@@ -104,7 +105,7 @@ class Trainer:
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self.model.save_pretrained(tmp / "model")
+        checkpoint.save(self.model, tmp / "model")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "weights_sha256": weights_hash(self.model),
                                                       "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -120,7 +121,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         path = self.out / "checkpoint"
         meta = json.loads((path / "trainer.json").read_text())
-        self.model.load_weights(path / "model")
+        checkpoint.load_weights(self.model, path / "model")
         # The optimizer state is plain tensors and numbers: weights_only refuses anything else.
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.step = int(meta["step"])

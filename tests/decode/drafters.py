@@ -7,7 +7,8 @@ import torch
 
 from dspark import ops
 from dspark.decode.drafter import Drafter, Proposal, one_hot_logits
-from dspark.model.draft import DraftConfig, DraftModel
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
 
 # Steps/s per verify batch size that fall gently with B: every hardware / async decision stays live.
 TOY_SPS = [0.0] + [1 / (1 + 0.01 * b) for b in range(1, 200)]

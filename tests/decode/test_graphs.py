@@ -11,7 +11,7 @@ import torch
 
 from dspark.config import ModelConfig, SamplingParams
 from dspark.decode import Engine
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.decode.graphs import CapturedRounds
 from dspark.model.target import DeepseekV4
 from tests.decode.drafters import TOY_SPS, tiny_dspark_draft

@@ -6,9 +6,10 @@ import pytest
 
 from dspark.config import ModelConfig
 from dspark.decode import Engine, generate
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.decode.sps import cached_profile, default_buckets, profile_sps, table
-from dspark.model.draft import DraftConfig, DraftModel
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
 from dspark.model.target import DeepseekV4
 
 

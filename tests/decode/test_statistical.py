@@ -17,9 +17,10 @@ import torch
 from dspark import ops
 from dspark.config import DSparkFields, ModelConfig
 from dspark.decode import generate
-from dspark.decode.dspark import DSparkDrafter
-from dspark.model.draft import DraftConfig, DraftModel
-from dspark.model.draft_v4 import V4DSparkDraft
+from dspark.decode.block import DSparkDrafter
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
+from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
 from tests.decode.drafters import FixedDistributionDrafter, OracleDrafter
 

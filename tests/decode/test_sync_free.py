@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dspark.decode.engine as engine_module
 from dspark.config import ModelConfig
 from dspark.decode import generate
-from dspark.decode.dspark import DSparkDrafter
+from dspark.decode.block import DSparkDrafter
 from dspark.model.target import DeepseekV4
 from tests.decode.drafters import TOY_SPS, FixedDistributionDrafter, tiny_dspark_draft
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dspark.config import ModelConfig
-from dspark.model.load import config_to_dict
+from dspark.checkpoint import config_to_dict
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import torch
 
 from dspark import ops
 from dspark.config import ModelConfig
-from dspark.model.load import config_from_dict
+from dspark.checkpoint import config_from_dict
 from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
 from tests.model.hf_reference import hf_logits, hf_model_like, transformers

@@ -115,7 +115,7 @@ def used_keys(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def run_kernel(q, pool, index, sinks, scale):
     with poisoned_outputs():
-        return sparse_sink_attention(q, pool, index, sinks, scale, impl="triton")
+        return sparse_sink_attention(q, pool, index, sinks, scale, kernels="triton")
 
 
 @given(case=attention_cases())
@@ -146,12 +146,12 @@ def test_empty_rows_are_exact_zeros(dtype, sink):
     pool = torch.full((5, 9), float("nan"), dtype=dtype)
     index = torch.tensor([[-1, -1, -1], [-2, 5, 7], [-1, 5, -9], [-1, -1, -1]], dtype=torch.int32)
     sinks = torch.full((3,), sink)
-    for impl in ("ref", "triton"):
+    for kernels in ("ref", "triton"):
         with poisoned_outputs():
-            out = sparse_sink_attention(q, pool, index, sinks, 0.3, impl=impl)
-            none = sparse_sink_attention(q, pool, index[:, :0], sinks, 0.3, impl=impl)
-        assert torch.equal(out, torch.zeros_like(out)), impl
-        assert torch.equal(none, torch.zeros_like(none)), impl
+            out = sparse_sink_attention(q, pool, index, sinks, 0.3, kernels=kernels)
+            none = sparse_sink_attention(q, pool, index[:, :0], sinks, 0.3, kernels=kernels)
+        assert torch.equal(out, torch.zeros_like(out)), kernels
+        assert torch.equal(none, torch.zeros_like(none)), kernels
 
 
 @needs_triton
@@ -203,7 +203,7 @@ def test_dense_wrapper(seed, b, t, s, dtype, expand):
     assert_close(want, sparse.view(b, t, 5, 12), dtype=torch.float32 if dtype == torch.float32 else dtype,
                  what="dense ref vs sparse ref")
     with poisoned_outputs():
-        got = sink_attention(q, kv, allowed, sinks, scale, impl="triton")
+        got = sink_attention(q, kv, allowed, sinks, scale, kernels="triton")
     assert got.shape == q.shape and got.dtype == q.dtype
     assert_close(got, want, **tolerance(dtype, used_keys(kv.view(b * s, 12), index)), what="dense kernel")
     assert torch.equal(got[:, 0], torch.zeros_like(got[:, 0]))
@@ -232,7 +232,7 @@ def test_layouts_and_validation():
     qs = torch.randn(4, 6, 10)[:, ::2].copy_(q)
     ps = torch.randn(8, 16)[:, :10].copy_(pool)
     xs = torch.full((4, 9), -1, dtype=torch.int32)[:, :6].copy_(index)
-    assert_close(sparse_sink_attention(qs, ps, xs, sinks, scale, impl="triton"), want)
+    assert_close(sparse_sink_attention(qs, ps, xs, sinks, scale, kernels="triton"), want)
     bad = {
         "q dtype": (q.double(), pool, index, sinks),
         "pool dtype": (q, pool.half(), index, sinks),
@@ -252,15 +252,15 @@ def test_layouts_and_validation():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError):
-            sparse_sink_attention(*args, scale, impl="triton")
+            sparse_sink_attention(*args, scale, kernels="triton")
             pytest.fail(what)
     with pytest.raises(ValueError):  # [B, T] does not flatten without a copy
         qd = torch.randn(3, 2, 3, 10).transpose(0, 1)
         sink_attention(qd, torch.randn(2, 4, 10), torch.ones(2, 3, 4, dtype=torch.bool), sinks, scale,
-                       impl="triton")
+                       kernels="triton")
     # Empty launches: no queries, no slots, an empty pool.
-    assert sparse_sink_attention(q[:0], pool, index[:0], sinks, scale, impl="triton").shape == (0, 3, 10)
-    empty_pool = sparse_sink_attention(q, pool[:0], index, sinks, scale, impl="triton")
+    assert sparse_sink_attention(q[:0], pool, index[:0], sinks, scale, kernels="triton").shape == (0, 3, 10)
+    empty_pool = sparse_sink_attention(q, pool[:0], index, sinks, scale, kernels="triton")
     assert torch.equal(empty_pool, torch.zeros_like(q))
     assert torch.equal(sparse_sink_attention_ref(q, pool[:0], index, sinks, scale), torch.zeros_like(q))
 
@@ -281,7 +281,7 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
     assert torch.isfinite(q.grad).all()
     if _launch.HAS_TRITON:
         with pytest.raises(ValueError, match="forward-only"):
-            sparse_sink_attention(q, *case[1:], impl="triton")
+            sparse_sink_attention(q, *case[1:], kernels="triton")
 
 
 @needs_triton

@@ -83,7 +83,7 @@ def atol(kv: torch.Tensor) -> float:
 
 def run_kernel(kv, gate):
     with poisoned_outputs():
-        return compress_windows(kv, gate, impl="triton")
+        return compress_windows(kv, gate, kernels="triton")
 
 
 @given(case=pooling_cases(max_p=13))
@@ -131,7 +131,7 @@ def test_layouts_and_validation():
     # model's CSA series split) and windows every other row.
     kvs = torch.randn(2, 3, 8, 20)[..., 5:15].copy_(kv)
     gs = torch.randn(2, 6, 8, 10)[:, ::2].copy_(gate)
-    assert_close(compress_windows(kvs, gs, impl="triton"), want, atol=atol(kv))
+    assert_close(compress_windows(kvs, gs, kernels="triton"), want, atol=atol(kv))
     bad = {
         "kv dtype": (kv.double(), gate),
         "gate dtype": (kv, gate.double()),
@@ -144,11 +144,11 @@ def test_layouts_and_validation():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError):
-            compress_windows(*args, impl="triton")
+            compress_windows(*args, kernels="triton")
             pytest.fail(what)
     # Empty launches: no windows, no channels.
-    assert compress_windows(kv[:0], gate[:0], impl="triton").shape == (0, 3, 10)
-    assert compress_windows(kv[..., :0], gate[..., :0], impl="triton").shape == (2, 3, 0)
+    assert compress_windows(kv[:0], gate[:0], kernels="triton").shape == (0, 3, 10)
+    assert compress_windows(kv[..., :0], gate[..., :0], kernels="triton").shape == (2, 3, 0)
 
 
 def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
@@ -164,7 +164,7 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
     assert torch.isfinite(kv.grad).all()
     if _launch.HAS_TRITON:
         with pytest.raises(ValueError, match="forward-only"):
-            compress_windows(kv, gate, impl="triton")
+            compress_windows(kv, gate, kernels="triton")
 
 
 @needs_triton

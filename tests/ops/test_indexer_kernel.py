@@ -166,7 +166,7 @@ def test_topk_reference_matches_naive_loop(case):
 SPECIAL_ROW = [0.0, -0.0, 1.0, math.nan, -math.inf, -0.0, 0.0, -math.nan, math.inf, 1.0, -math.inf, 0.0]
 
 
-@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kernels", ["ref", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("visible, k, want", [
     (12, 6, [0, 2, 3, 7, 8, 9]),  # NaNs (either sign), +inf, the 1.0s, then the first zero
@@ -178,11 +178,11 @@ SPECIAL_ROW = [0.0, -0.0, 1.0, math.nan, -math.inf, -0.0, 0.0, -math.nan, math.i
     (-4, 2, [-1, -1]),
     (99, 20, list(range(12))),
 ])
-def test_topk_special_values(impl, dtype, visible, k, want):
+def test_topk_special_values(kernels, dtype, visible, k, want):
     """The selection rule by hand on one row of ±0.0, ±inf and ±NaN."""
     scores = torch.tensor(SPECIAL_ROW).to(dtype).view(1, 1, -1)
     with poisoned_outputs():
-        got = indexer_topk(scores, torch.tensor([[visible]]), k, impl=impl)
+        got = indexer_topk(scores, torch.tensor([[visible]]), k, kernels=kernels)
     assert_topk_equal(got, torch.tensor(want).view(1, 1, -1), "special values")
 
 
@@ -191,7 +191,7 @@ def test_topk_special_values(impl, dtype, visible, k, want):
 @given(case=topk_cases())
 def test_topk_kernel_matches_reference(case):
     with poisoned_outputs():
-        got = indexer_topk(*case, impl="triton")
+        got = indexer_topk(*case, kernels="triton")
     assert_topk_equal(got, indexer_topk_ref(*case), "kernel")
 
 
@@ -204,7 +204,7 @@ def test_topk_kernel_rows_longer_than_a_tile(k):
     scores = make_scores(["ties", "zeros", "dense", "near", "equal", "inf"], 300, g).view(2, 3, 300)
     visible = torch.tensor([[300, 290, 300], [260, 300, 257]])
     with poisoned_outputs():
-        got = indexer_topk(scores, visible, k, impl="triton")
+        got = indexer_topk(scores, visible, k, kernels="triton")
     assert_topk_equal(got, indexer_topk_ref(scores, visible, k), "kernel")
 
 
@@ -214,8 +214,8 @@ def test_topk_kernel_rows_longer_than_a_tile(k):
 
 def check_scoring(q, keys, w, visible, k):
     with poisoned_outputs():
-        scores = indexer_scores(q, keys, w, impl="triton")
-        fused_scores, fused_topk = indexer_select(q, keys, w, visible, k, impl="triton")
+        scores = indexer_scores(q, keys, w, kernels="triton")
+        fused_scores, fused_topk = indexer_select(q, keys, w, visible, k, kernels="triton")
     ref_scores = indexer_scores_ref(q, keys, w)
     assert scores.dtype == torch.float32 and scores.is_contiguous()
     assert_close(scores, ref_scores, dtype=torch.float32, atol=score_atol(q, keys, w), what="scores")
@@ -259,7 +259,7 @@ def test_batch_invariance(seed, dtype):
 
     def run(q, keys, wts, visible):
         with poisoned_outputs():
-            return indexer_select(q, keys, wts, visible, k, impl="triton")
+            return indexer_select(q, keys, wts, visible, k, kernels="triton")
 
     def same(a, b_, what):
         assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]), what
@@ -374,10 +374,10 @@ def check_paged(q, pool, wts, visible, rows, k):
     """Paged kernel == dense kernel on the gathered keys (bit for bit), ≈ the reference, selection exact."""
     keys = gathered(pool, rows)
     with poisoned_outputs():
-        scores = indexer_scores(q, pool, wts, rows=rows, impl="triton")
-        fused_scores, fused_topk = indexer_select(q, pool, wts, visible, k, rows=rows, impl="triton")
-        dense_scores, dense_topk = indexer_select(q, keys, wts, visible, k, impl="triton")
-        split_topk = indexer_topk(scores, visible, k, impl="triton")
+        scores = indexer_scores(q, pool, wts, rows=rows, kernels="triton")
+        fused_scores, fused_topk = indexer_select(q, pool, wts, visible, k, rows=rows, kernels="triton")
+        dense_scores, dense_topk = indexer_select(q, keys, wts, visible, k, kernels="triton")
+        split_topk = indexer_topk(scores, visible, k, kernels="triton")
     assert scores.is_contiguous() and fused_scores.is_contiguous()
     assert_same_bits(scores, dense_scores, "paged vs dense scores")
     assert_same_bits(fused_scores, dense_scores, "paged fused vs dense scores")
@@ -411,7 +411,7 @@ def test_paged_batch_invariance(seed, dtype):
 
     def run(q, pool, wts, visible, rows):
         with poisoned_outputs():
-            return indexer_select(q, pool, wts, visible, k, rows=rows, impl="triton")
+            return indexer_select(q, pool, wts, visible, k, rows=rows, kernels="triton")
 
     def same(a, b_, what):
         assert_same_bits(a[0], b_[0], what)
@@ -429,16 +429,16 @@ def test_paged_batch_invariance(seed, dtype):
     same(run(q, torch.cat([front, pool]), wts, visible, torch.where(ok, rows + 5, -1)), full, "renumbered pool")
 
 
-@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
-def test_paged_validation(impl):
+@pytest.mark.parametrize("kernels", ["ref", pytest.param("triton", marks=needs_triton)])
+def test_paged_validation(kernels):
     q, pool, wts, visible, rows = make_paged_case(2, 3, 5, 7, 11, 9, torch.float32, 0, ["valid", "holes"])
     keys = gathered(pool, rows)
     # A call mixing the modes fails with a message naming the mode, for either implementation.
     with pytest.raises(ValueError, match="pool"):
-        indexer_scores(q, pool, wts, impl=impl)
+        indexer_scores(q, pool, wts, kernels=kernels)
     with pytest.raises(ValueError, match="paged"):
-        indexer_select(q, keys, wts, visible, 3, rows=rows, impl=impl)
-    if impl == "ref":
+        indexer_select(q, keys, wts, visible, 3, rows=rows, kernels=kernels)
+    if kernels == "ref":
         return
     bad = {
         "rows dtype": (pool, rows.float()),
@@ -453,17 +453,17 @@ def test_paged_validation(impl):
         "pool rank 1": (pool[0], rows),
     }
     for what, (keys_, rows_) in bad.items():
-        for call in (lambda: indexer_scores(q, keys_, wts, rows=rows_, impl="triton"),
-                     lambda: indexer_select(q, keys_, wts, visible, 3, rows=rows_, impl="triton")):
+        for call in (lambda: indexer_scores(q, keys_, wts, rows=rows_, kernels="triton"),
+                     lambda: indexer_select(q, keys_, wts, visible, 3, rows=rows_, kernels="triton")):
             with pytest.raises(ValueError):
                 call()
                 pytest.fail(what)
     # Empty launches: no queries, no entries, an empty pool (every row invalid: zero keys, score 0).
-    assert indexer_scores(q[:, :0], pool, wts[:, :0], rows=rows, impl="triton").shape == (2, 0, 11)
-    s, top = indexer_select(q, pool, wts, visible, 4, rows=rows[:, :0], impl="triton")
+    assert indexer_scores(q[:, :0], pool, wts[:, :0], rows=rows, kernels="triton").shape == (2, 0, 11)
+    s, top = indexer_select(q, pool, wts, visible, 4, rows=rows[:, :0], kernels="triton")
     assert s.shape == (2, 3, 0) and top.shape == (2, 3, 0)
     with poisoned_outputs():
-        s, top = indexer_select(q, pool[:0], wts, visible, 4, rows=rows, impl="triton")
+        s, top = indexer_select(q, pool[:0], wts, visible, 4, rows=rows, kernels="triton")
     want_s, want_top = indexer_select_ref(q, pool[:0], wts, visible, 4, rows=rows)
     assert not s.any() and not want_s.any()
     assert_topk_equal(top, want_top, "empty pool")
@@ -481,9 +481,9 @@ def test_layouts_and_validation():
     qs = torch.randn(2, 3, 10, 9)[:, :, ::2, :7].copy_(q)
     ks = torch.randn(2, 13, 8)[:, 1:12, :7].copy_(keys)
     ws = torch.randn(5, 3, 2).permute(2, 1, 0).copy_(w)
-    assert_close(indexer_scores(qs, ks, ws, impl="triton"), want_scores, atol=score_atol(q, keys, w))
+    assert_close(indexer_scores(qs, ks, ws, kernels="triton"), want_scores, atol=score_atol(q, keys, w))
     ss = torch.randn(2, 3, 20)[..., 4:15].copy_(want_scores)
-    assert torch.equal(indexer_topk(ss, visible, 4, impl="triton"), indexer_topk_ref(want_scores, visible, 4))
+    assert torch.equal(indexer_topk(ss, visible, 4, kernels="triton"), indexer_topk_ref(want_scores, visible, 4))
     bad_scoring = {
         "q rank": (q[0], keys, w),
         "q dtype": (q.double(), keys, w),
@@ -497,8 +497,8 @@ def test_layouts_and_validation():
         "no heads": (q[:, :, :0], keys, w[..., :0]),
     }
     for what, args in bad_scoring.items():
-        for call in (lambda: indexer_scores(*args, impl="triton"),
-                     lambda: indexer_select(*args, visible, 3, impl="triton")):
+        for call in (lambda: indexer_scores(*args, kernels="triton"),
+                     lambda: indexer_select(*args, visible, 3, kernels="triton")):
             with pytest.raises(ValueError):
                 call()
                 pytest.fail(what)
@@ -512,16 +512,16 @@ def test_layouts_and_validation():
     }
     for what, args in bad_selection.items():
         with pytest.raises(ValueError):
-            indexer_topk(*args, impl="triton")
+            indexer_topk(*args, kernels="triton")
             pytest.fail(what)
     with pytest.raises(ValueError):
-        indexer_select(q, keys, w, visible.short(), 3, impl="triton")
+        indexer_select(q, keys, w, visible.short(), 3, kernels="triton")
     # Empty launches: no queries, no entries, k = 0.
-    assert indexer_scores(q[:, :0], keys, w[:, :0], impl="triton").shape == (2, 0, 11)
-    s, top = indexer_select(q, keys[:, :0], w, visible, 4, impl="triton")
+    assert indexer_scores(q[:, :0], keys, w[:, :0], kernels="triton").shape == (2, 0, 11)
+    s, top = indexer_select(q, keys[:, :0], w, visible, 4, kernels="triton")
     assert s.shape == (2, 3, 0) and top.shape == (2, 3, 0)
-    assert indexer_topk(want_scores, visible, 0, impl="triton").shape == (2, 3, 0)
-    s, top = indexer_select(q, keys, w, visible, 0, impl="triton")
+    assert indexer_topk(want_scores, visible, 0, kernels="triton").shape == (2, 3, 0)
+    s, top = indexer_select(q, keys, w, visible, 0, kernels="triton")
     assert_close(s, want_scores, atol=score_atol(q, keys, w))
     assert top.shape == (2, 3, 0)
 
@@ -543,7 +543,7 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
     assert torch.isfinite(q.grad).all()
     if _launch.HAS_TRITON:
         with pytest.raises(ValueError, match="forward-only"):
-            indexer_scores(q, keys, w, impl="triton")
+            indexer_scores(q, keys, w, kernels="triton")
 
 
 @needs_triton
@@ -573,7 +573,7 @@ def test_topk_kernel_matches_reference_extended(case, data):
     scores, visible, k = case
     if data.draw(st.booleans()):
         k = data.draw(st.integers(0, scores.shape[-1] + 2))
-    assert_topk_equal(indexer_topk(scores, visible, k, impl="triton"), indexer_topk_ref(scores, visible, k),
+    assert_topk_equal(indexer_topk(scores, visible, k, kernels="triton"), indexer_topk_ref(scores, visible, k),
                       "kernel")
 
 
@@ -608,8 +608,8 @@ def test_gpu_v4_shapes(dtype):
     q, keys, wts, _ = make_case(b, t, 64, 128, w, dtype, 0, garbage=False, device="cuda")
     visible = torch.tensor([[0, 1, 511, 512, 513, 3001, 5000] + list(range(100, 3001, 100))[:30]] * b, device="cuda")
     scores, topk = check_scoring(q, keys, wts, visible, k)
-    assert_topk_equal(indexer_topk(scores, visible, k, impl="triton"), topk, "separate top-k launch")
-    alone = indexer_select(q[1:, 20:21], keys[1:], wts[1:, 20:21], visible[1:, 20:21], k, impl="triton")
+    assert_topk_equal(indexer_topk(scores, visible, k, kernels="triton"), topk, "separate top-k launch")
+    alone = indexer_select(q[1:, 20:21], keys[1:], wts[1:, 20:21], visible[1:, 20:21], k, kernels="triton")
     assert torch.equal(alone[0], scores[1:, 20:21]) and torch.equal(alone[1], topk[1:, 20:21])
     if dtype == torch.bfloat16:  # the full opcheck compiles through torch.compile: once is enough
         torch.library.opcheck(torch.ops.dspark.indexer_select, (q[:, :3], keys, wts[:, :3], visible[:, :3], k))
@@ -630,7 +630,7 @@ def test_gpu_paged_v4_shapes(dtype):
     rows = torch.where(hidden, torch.where(torch.arange(b, device="cuda")[:, None] % 3 == 0, junk, -1), rows)
     visible = visible.view(b, 1)
     scores, topk = check_paged(q, pool, wts, visible, rows, k)
-    alone = indexer_select(q[20:21], pool, wts[20:21], visible[20:21], k, rows=rows[20:21], impl="triton")
+    alone = indexer_select(q[20:21], pool, wts[20:21], visible[20:21], k, rows=rows[20:21], kernels="triton")
     assert_same_bits(alone[0], scores[20:21], "alone")
     assert_topk_equal(alone[1], topk[20:21], "alone")
     if dtype == torch.bfloat16:  # the full opcheck compiles through torch.compile: once is enough

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dspark.model.markov import BlockHeads, MarkovHead
+from dspark.draft.heads import BlockHeads, MarkovHead
 from dspark.ops import _launch, markov as markov_ops
 from dspark.ops.markov import markov_logits, markov_logits_ref, markov_sample, markov_sample_ref
 from dspark.ops.sampling import probs, probs_ref, sample, sample_ref
@@ -47,7 +47,7 @@ def check_corrected(got, logits, x, w2):
 def check(case, dtype):
     logits, x, w2 = case
     with poisoned_outputs():
-        got = markov_logits(logits, x, w2, impl="triton")
+        got = markov_logits(logits, x, w2, kernels="triton")
     assert got.dtype == torch.float32 and x.dtype == dtype and not got.isnan().any()
     check_corrected(got, logits, x, w2)
 
@@ -81,11 +81,11 @@ def test_reference_is_the_eager_head():
 def test_bad_inputs_raise():
     logits, x, w2 = make_case(3, 20, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="x: 2 rows"):
-        markov_logits(logits, x[:2], w2, impl="triton")
+        markov_logits(logits, x[:2], w2, kernels="triton")
     with pytest.raises(ValueError, match="w2"):
-        markov_logits(logits, x, w2[:, :4], impl="triton")
+        markov_logits(logits, x, w2[:, :4], kernels="triton")
     with pytest.raises(ValueError, match="w2"):
-        markov_logits(logits, x, w2.half(), impl="triton")
+        markov_logits(logits, x, w2.half(), kernels="triton")
 
 
 @needs_triton
@@ -142,9 +142,9 @@ def check_sample(case):
     exactly the sampling reference's on the kernel's own Ũ."""
     logits, x, w2, t, k, p, u = case
     with poisoned_outputs():
-        corrected, tokens = markov_sample(logits, x, w2, t, k, p, u, impl="triton")
+        corrected, tokens = markov_sample(logits, x, w2, t, k, p, u, kernels="triton")
     check_corrected(corrected, logits, x, w2)
-    assert torch.equal(corrected, markov_logits(logits, x, w2, impl="triton")), "Ũ differs from markov_logits'"
+    assert torch.equal(corrected, markov_logits(logits, x, w2, kernels="triton")), "Ũ differs from markov_logits'"
     want = sample_ref(probs_ref(corrected, t, k, p), u)
     assert tokens.dtype == torch.long and torch.equal(tokens, want), f"tokens {tokens.tolist()} != {want.tolist()}"
     return corrected, tokens
@@ -178,20 +178,20 @@ def test_markov_sample_is_batch_invariant_and_repeatable():
     """A row alone and inside a 17-row batch (two request blocks): bit-identical Ũ and token; a second launch
     repeats the first exactly."""
     logits, x, w2, t, k, p, u = case = fixed_sample_case(17, 131, 6, torch.float32, 5)
-    runs = [markov_sample(*case, impl="triton") for _ in range(2)]
+    runs = [markov_sample(*case, kernels="triton") for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for i in (0, 3, 16):
         alone = markov_sample(logits[i:i + 1], x[i:i + 1], w2, t[i:i + 1], k[i:i + 1], p[i:i + 1], u[i:i + 1],
-                              impl="triton")
+                              kernels="triton")
         assert torch.equal(alone[0][0], runs[0][0][i]) and torch.equal(alone[1][0], runs[0][1][i]), f"row {i}"
 
 
 @needs_triton
 def test_markov_sample_auto_on_cpu_is_the_two_step_reference(monkeypatch):
-    """impl="auto" on CPU never launches, and equals markov_logits_ref then sample_ref(probs_ref(...)) — the
+    """kernels="auto" on CPU never launches, and equals markov_logits_ref then sample_ref(probs_ref(...)) — the
     composition BlockHeads.sample_block ran before the fusion — so CPU draft tokens are unchanged bit for bit."""
     def boom(*args, **kwargs):
-        raise AssertionError("kernel launched for CPU inputs with impl='auto'")
+        raise AssertionError("kernel launched for CPU inputs with kernels='auto'")
 
     monkeypatch.setattr(markov_ops, "launch", boom)
     logits, x, w2, t, k, p, u = fixed_sample_case(6, 37, 5, torch.float32, 6)
@@ -208,9 +208,9 @@ def test_markov_sample_temperature_none_is_greedy():
     logits, x, w2, _, k, p, u = fixed_sample_case(6, 37, 5, torch.float32, 7)
     want = markov_sample_ref(logits, x, w2, torch.zeros(6), k, p, u)
     impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
-    for impl in impls:
-        corrected, tokens = markov_sample(logits, x, w2, None, k, p, u, impl=impl)
-        assert torch.equal(tokens, want[1]) and torch.equal(tokens, corrected.argmax(-1)), impl
+    for kernels in impls:
+        corrected, tokens = markov_sample(logits, x, w2, None, k, p, u, kernels=kernels)
+        assert torch.equal(tokens, want[1]) and torch.equal(tokens, corrected.argmax(-1)), kernels
 
 
 def test_block_heads_markov_sample_is_the_two_step_slot():
@@ -245,7 +245,7 @@ def test_markov_sample_bad_inputs_raise():
     }
     for name, args in cases.items():
         try:
-            markov_sample(*args, impl="triton")
+            markov_sample(*args, kernels="triton")
         except ValueError:
             continue
         pytest.fail(f"{name}: no ValueError")

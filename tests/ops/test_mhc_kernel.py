@@ -46,11 +46,11 @@ def mhc_cases(draw, dtypes=(torch.float32, torch.float16)):
 def check_against_ref(case, iters, wtol=None):
     (x, fn, base, scale, head, y) = case
     with poisoned_outputs():
-        pre, post, comb = hc_weights(x, fn, base, scale, iters, HC_EPS, RMS_EPS, impl="triton")
-        fused = hc_weights_collapse(x, fn, base, scale, iters, HC_EPS, RMS_EPS, impl="triton")
-        collapsed = hc_collapse(pre, x, impl="triton")
-        expanded = hc_expand(post, comb, y, x, impl="triton")
-        headed = hc_head(x, *head, HC_EPS, RMS_EPS, impl="triton")
+        pre, post, comb = hc_weights(x, fn, base, scale, iters, HC_EPS, RMS_EPS, kernels="triton")
+        fused = hc_weights_collapse(x, fn, base, scale, iters, HC_EPS, RMS_EPS, kernels="triton")
+        collapsed = hc_collapse(pre, x, kernels="triton")
+        expanded = hc_expand(post, comb, y, x, kernels="triton")
+        headed = hc_head(x, *head, HC_EPS, RMS_EPS, kernels="triton")
     want = hc_weights_ref(x, fn, base, scale, iters, HC_EPS, RMS_EPS)
     wtol = wtol or {}
     for name, got, ref in zip(("pre", "post", "comb"), (pre, post, comb), want):
@@ -81,9 +81,9 @@ def test_batch_invariance(seed, n, d):
     x, fn, base, scale, head, y = make_case((21,), n, d, torch.float32, seed)
 
     def run(idx):
-        w = hc_weights_collapse(x[idx], fn, base, scale, 20, HC_EPS, RMS_EPS, impl="triton")
-        return (*w, hc_expand(w[1], w[2], y[idx], x[idx], impl="triton"),
-                hc_head(x[idx], *head, HC_EPS, RMS_EPS, impl="triton"))
+        w = hc_weights_collapse(x[idx], fn, base, scale, 20, HC_EPS, RMS_EPS, kernels="triton")
+        return (*w, hc_expand(w[1], w[2], y[idx], x[idx], kernels="triton"),
+                hc_head(x[idx], *head, HC_EPS, RMS_EPS, kernels="triton"))
 
     full = run(slice(None))
     for idx in ([7], [20], list(range(9, 14))):
@@ -98,22 +98,22 @@ def test_layouts_views_and_validation():
     big = torch.cat([x, x + 1])  # [12, N, D]
     xs = big[::2]  # leading stride 2·N·D: flattens without a copy
     want = hc_weights_ref(xs, fn, base, scale, 20, HC_EPS, RMS_EPS)
-    for a, b in zip(hc_weights(xs, fn, base, scale, 20, HC_EPS, RMS_EPS, impl="triton"), want):
+    for a, b in zip(hc_weights(xs, fn, base, scale, 20, HC_EPS, RMS_EPS, kernels="triton"), want):
         assert_close(a, b)
     ys = torch.randn(12, 33)[::2]
-    assert_close(hc_expand(want[1], want[2], ys, xs, impl="triton"), hc_expand_ref(want[1], want[2], ys, xs))
+    assert_close(hc_expand(want[1], want[2], ys, xs, kernels="triton"), hc_expand_ref(want[1], want[2], ys, xs))
     with pytest.raises(ValueError):  # each token's [N, D] block must be contiguous
         hc_weights(x.transpose(-1, -2).contiguous().transpose(-1, -2), fn, base, scale, 20, HC_EPS, RMS_EPS,
-                   impl="triton")
+                   kernels="triton")
     with pytest.raises(ValueError):  # fp32 parameters only: no silent upcast copies
-        hc_weights(x, fn.half(), base, scale, 20, HC_EPS, RMS_EPS, impl="triton")
+        hc_weights(x, fn.half(), base, scale, 20, HC_EPS, RMS_EPS, kernels="triton")
     with pytest.raises(ValueError):
-        hc_weights(x, fn[:, :-1], base, scale, 20, HC_EPS, RMS_EPS, impl="triton")
+        hc_weights(x, fn[:, :-1], base, scale, 20, HC_EPS, RMS_EPS, kernels="triton")
     with pytest.raises(ValueError):
-        hc_expand(want[1], want[2].transpose(-1, -2), y, x, impl="triton")
+        hc_expand(want[1], want[2].transpose(-1, -2), y, x, kernels="triton")
     with pytest.raises(ValueError):
-        hc_collapse(want[0][:, :3], x, impl="triton")
-    empty = hc_weights_collapse(x[:0], fn, base, scale, 20, HC_EPS, RMS_EPS, impl="triton")
+        hc_collapse(want[0][:, :3], x, kernels="triton")
+    empty = hc_weights_collapse(x[:0], fn, base, scale, 20, HC_EPS, RMS_EPS, kernels="triton")
     assert [t.shape[0] for t in empty] == [0, 0, 0, 0]
 
 
@@ -131,7 +131,7 @@ def test_auto_uses_the_reference_on_cpu_and_under_autograd(monkeypatch):
     assert not _launch.use_triton("auto", x, fn)  # a CUDA input with grad would pick the reference too
     if _launch.HAS_TRITON:
         with pytest.raises(ValueError, match="forward-only"):
-            hc_weights(x, fn, base, scale, 20, HC_EPS, RMS_EPS, impl="triton")
+            hc_weights(x, fn, base, scale, 20, HC_EPS, RMS_EPS, kernels="triton")
 
 
 @needs_triton

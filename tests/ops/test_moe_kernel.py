@@ -37,7 +37,7 @@ def make_case(n, e, k, d, i, dtype, seed, routing=None, nowhere=0.0):
 def check_against_reference(case, limit=10.0, dtype=torch.float32):
     x, w, idx, gu, dn = case
     with poisoned_outputs():
-        got = experts(x, w, idx, gu, dn, limit, impl="triton")
+        got = experts(x, w, idx, gu, dn, limit, kernels="triton")
     ref = experts_ref(x.float(), w, idx, gu.float(), dn.float(), limit)
     assert got.dtype == x.dtype and not got.isnan().any()
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -76,11 +76,11 @@ def test_a_token_result_does_not_depend_on_its_batch(dtype):
     GPU only: the interpreter's tl.dot is a BLAS call whose result for a row can move by an ulp with the
     row's position in the tile; a GPU's MMA accumulates every row of a tile the same way."""
     x, w, idx, gu, dn = (t.cuda() for t in make_case(21, 5, 2, 24, 20, dtype, 7))
-    full = experts(x, w, idx, gu, dn, 10.0, impl="triton")
+    full = experts(x, w, idx, gu, dn, 10.0, kernels="triton")
     for t in (0, 20):
-        alone = experts(x[t:t + 1], w[t:t + 1], idx[t:t + 1], gu, dn, 10.0, impl="triton")
+        alone = experts(x[t:t + 1], w[t:t + 1], idx[t:t + 1], gu, dn, 10.0, kernels="triton")
         assert torch.equal(alone[0], full[t])
-    tail = experts(x[5:], w[5:], idx[5:], gu, dn, 10.0, impl="triton")
+    tail = experts(x[5:], w[5:], idx[5:], gu, dn, 10.0, kernels="triton")
     assert torch.equal(tail, full[5:])
 
 
@@ -105,13 +105,13 @@ def test_tile_plan_covers_every_routed_slot_once(n, e, k, data):
 def test_bad_inputs_raise():
     x, w, idx, gu, dn = make_case(4, 3, 2, 8, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="weights"):
-        experts(x, w.double(), idx, gu, dn, 10.0, impl="triton")
+        experts(x, w.double(), idx, gu, dn, 10.0, kernels="triton")
     with pytest.raises(ValueError, match="gate_up"):
-        experts(x, w, idx, gu.transpose(1, 2), dn, 10.0, impl="triton")
+        experts(x, w, idx, gu.transpose(1, 2), dn, 10.0, kernels="triton")
     with pytest.raises(ValueError, match="down"):
-        experts(x, w, idx, gu, dn[:, :, :4], 10.0, impl="triton")
+        experts(x, w, idx, gu, dn[:, :, :4], 10.0, kernels="triton")
     with pytest.raises(ValueError, match="indices"):
-        experts(x, w, idx[:3], gu, dn, 10.0, impl="triton")
+        experts(x, w, idx[:3], gu, dn, 10.0, kernels="triton")
 
 
 @needs_triton

@@ -76,7 +76,7 @@ def verify_batches(draw, vocab: int, requests=(1, 2, 3), gammas=(0, 1, 2, 3)):
 
 def check_batch(batch):
     with poisoned_outputs():
-        got = chain_rejection(*batch, impl="triton")
+        got = chain_rejection(*batch, kernels="triton")
     want = chain_rejection_ref(*batch)
     for name, a, b in zip(OUTPUTS, got, want):
         assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} vs {b.dtype}"
@@ -103,9 +103,9 @@ def test_filters_passed_as_none_are_off_for_every_request(data):
     want = chain_rejection_ref(*batch)
     unfiltered = batch[:6] + [None, None] + batch[8:]
     impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
-    for impl in impls:
-        for name, a, b in zip(OUTPUTS, chain_rejection(*unfiltered, impl=impl), want):
-            assert_equal(a, b, f"{impl} {name}")
+    for kernels in impls:
+        for name, a, b in zip(OUTPUTS, chain_rejection(*unfiltered, kernels=kernels), want):
+            assert_equal(a, b, f"{kernels} {name}")
 
 
 @given(data=st.data())
@@ -116,9 +116,9 @@ def test_temperature_none_is_greedy_for_every_request(data):
     want = chain_rejection_ref(*batch)
     greedy = batch[:5] + [None] + batch[6:]
     impls = ["ref", "triton"] if _launch.HAS_TRITON else ["ref"]
-    for impl in impls:
-        for name, a, b in zip(OUTPUTS, chain_rejection(*greedy, impl=impl), want):
-            assert_equal(a, b, f"{impl} {name}")
+    for kernels in impls:
+        for name, a, b in zip(OUTPUTS, chain_rejection(*greedy, kernels=kernels), want):
+            assert_equal(a, b, f"{kernels} {name}")
 
 
 @needs_triton
@@ -161,7 +161,7 @@ def test_launcher_validates_instead_of_copying():
     good = [torch.randn(6, v), torch.tensor([0, 3]), torch.tensor([2, 2]), torch.randn(r, gamma, v),
             torch.zeros(r, gamma, dtype=torch.long), torch.ones(r), torch.zeros(r, dtype=torch.long), torch.ones(r),
             torch.full((r, 1), -1), torch.rand(r, gamma), torch.rand(r)]
-    chain_rejection(*good, impl="triton")
+    chain_rejection(*good, kernels="triton")
     bad = {0: torch.randn(v, 6).t(), 3: torch.randn(r, gamma, v).double(),
            4: torch.zeros(r, gamma + 1, dtype=torch.long),
            5: torch.ones(r + 1), 9: torch.rand(r, gamma).double(), 8: torch.full((r + 1, 1), -1)}
@@ -169,12 +169,12 @@ def test_launcher_validates_instead_of_copying():
         args = list(good)
         args[i] = value
         with pytest.raises(ValueError):
-            chain_rejection(*args, impl="triton")
+            chain_rejection(*args, kernels="triton")
 
 
 def test_auto_on_cpu_runs_the_reference(monkeypatch):
     def boom(*args, **kwargs):
-        raise AssertionError("kernel launched for CPU inputs with impl='auto'")
+        raise AssertionError("kernel launched for CPU inputs with kernels='auto'")
 
     monkeypatch.setattr(rejection, "launch", boom)
     r, gamma, v = 2, 2, 7

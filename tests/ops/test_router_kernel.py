@@ -70,12 +70,12 @@ def make_case(n, e, d, k, dtype, seed, *, vocab=23, exact=False, scale=1.0, devi
     return move(x.to(dtype)), move(gate_w.to(dtype)), move(bias), move(table), move(ids)
 
 
-def run(kind, case, k, scoring, impl="triton"):
+def run(kind, case, k, scoring, kernels="triton"):
     x, gate_w, bias, table, ids = case
     with poisoned_outputs():
         if kind == "hash":
-            return hash_route(x, gate_w, table[:, :k], ids, scoring, SCALING, impl=impl)
-        return score_route(x, gate_w, bias, k, scoring, SCALING, impl=impl)
+            return hash_route(x, gate_w, table[:, :k], ids, scoring, SCALING, kernels=kernels)
+        return score_route(x, gate_w, bias, k, scoring, SCALING, kernels=kernels)
 
 
 def reference(kind, case, k, scoring):
@@ -263,7 +263,7 @@ def test_strided_inputs(kind):
 def test_auto_on_cpu_is_the_reference_and_k_zero_is_empty():
     case = make_case(6, 8, 10, 3, torch.float32, 6)
     for kind in ("score", "hash"):
-        got, want = run(kind, case, 3, "sigmoid", impl="auto"), reference(kind, case, 3, "sigmoid")
+        got, want = run(kind, case, 3, "sigmoid", kernels="auto"), reference(kind, case, 3, "sigmoid")
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     weights, indices = run("score", case, 0, "sigmoid")
     assert weights.shape == indices.shape == (6, 0)
@@ -283,11 +283,11 @@ def test_bad_inputs_raise():
     for change, match in bad_score:
         args = dict(x=x, gate_w=gate_w, bias=bias, k=2, scoring_func="sigmoid", scaling=1.0) | change
         with pytest.raises(ValueError, match=match):
-            score_route(**args, impl="triton")
+            score_route(**args, kernels="triton")
     with pytest.raises(ValueError, match="input_ids"):
-        hash_route(x, gate_w, table, ids[:3], "sigmoid", 1.0, impl="triton")
+        hash_route(x, gate_w, table, ids[:3], "sigmoid", 1.0, kernels="triton")
     with pytest.raises(ValueError, match="tid2eid"):
-        hash_route(x, gate_w, table.float(), ids, "sigmoid", 1.0, impl="triton")
+        hash_route(x, gate_w, table.float(), ids, "sigmoid", 1.0, kernels="triton")
 
 
 @needs_triton
@@ -304,13 +304,13 @@ def test_opcheck():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["score", "hash"])
 def test_gpu_matches_reference_and_is_batch_invariant(dtype, kind):
-    """V4-Flash's router shape (E = 256, K = 6, D = 4096) on the GPU, through impl="auto"."""
+    """V4-Flash's router shape (E = 256, K = 6, D = 4096) on the GPU, through kernels="auto"."""
     case = make_case(40, 256, 4096, 6, dtype, 7, vocab=1000, device="cuda")
     for scoring in SCORINGS:
         check(kind, case, 6, scoring)
-        full = run(kind, case, 6, scoring, impl="auto")
+        full = run(kind, case, 6, scoring, kernels="auto")
         for t in (0, 7, 39):
-            alone = run(kind, tuple(v[t:t + 1] if v.shape[0] == 40 else v for v in case), 6, scoring, impl="auto")
+            alone = run(kind, tuple(v[t:t + 1] if v.shape[0] == 40 else v for v in case), 6, scoring, kernels="auto")
             for got, want in zip(alone, full):
                 assert torch.equal(got[0], want[t])
     exact = make_case(33, 60, 33, 6, dtype, 8, exact=True, device="cuda")

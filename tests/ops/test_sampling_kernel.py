@@ -163,8 +163,8 @@ def test_a_filter_passed_as_none_is_off_for_every_row(rows, data):
         want = probs_ref(rows, t, want_k, want_p)
         assert_equal(probs_ref(rows, t, top_k, top_p), want, "reference")
         if _launch.HAS_TRITON:
-            assert_equal(probs(rows, t, top_k, top_p, impl="triton"), want, "kernel")
-            assert_equal(sample_logits(rows, t, top_k, top_p, u, impl="triton"), sample_ref(want, u), "tokens")
+            assert_equal(probs(rows, t, top_k, top_p, kernels="triton"), want, "kernel")
+            assert_equal(sample_logits(rows, t, top_k, top_p, u, kernels="triton"), sample_ref(want, u), "tokens")
 
 
 @given(rows=logit_rows(4, 11), data=st.data())
@@ -179,8 +179,8 @@ def test_temperature_none_is_greedy_for_every_row(rows, data):
     assert_equal(probs_ref(rows, None, k, p), want, "reference")
     assert_equal(sample_logits_ref(rows, None, k, p, u), rows.argmax(-1), "reference tokens")
     if _launch.HAS_TRITON:
-        assert_equal(probs(rows, None, k, p, impl="triton"), want, "kernel")
-        assert_equal(sample_logits(rows, None, k, p, u, impl="triton"), rows.argmax(-1), "kernel tokens")
+        assert_equal(probs(rows, None, k, p, kernels="triton"), want, "kernel")
+        assert_equal(sample_logits(rows, None, k, p, u, kernels="triton"), rows.argmax(-1), "kernel tokens")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_probs_kernel_is_bit_identical(v, n, dtype, data):
     logits = data.draw(logit_rows(n, v)).to(dtype)
     t, k, p = data.draw(filter_params(n, v, logits.float()))
     with poisoned_outputs():
-        got = probs(logits, t, k, p, impl="triton")
+        got = probs(logits, t, k, p, kernels="triton")
     assert got.dtype == torch.float32 and got.shape == (n, v)
     assert_equal(got, probs_ref(logits, t, k, p), "filtered probs")
 
@@ -218,7 +218,7 @@ def test_sample_kernel_is_bit_identical(v, n, data):
         if total:
             u[i] = float(w[i, : j + 1].sum()) / total
     with poisoned_outputs():
-        got = sample(pr, u, impl="triton")
+        got = sample(pr, u, kernels="triton")
     want = sample_ref(pr, u)
     assert_equal(got, want, "sampled tokens")
     assert bool((pr.gather(1, got[:, None]) > 0).squeeze(1)[pr.sum(1) > 0].all()), "zero-probability token drawn"
@@ -232,9 +232,9 @@ def test_sample_logits_kernel_is_bit_identical(v, n, dtype, data):
     t, k, p = data.draw(filter_params(n, v, logits.float()))
     u = torch.tensor([data.draw(st.sampled_from([0.0, 0.3, 0.7, ALMOST_ONE, 1.0])) for _ in range(n)])
     with poisoned_outputs():
-        got = sample_logits(logits, t, k, p, u, impl="triton")
+        got = sample_logits(logits, t, k, p, u, kernels="triton")
     assert_equal(got, sample_logits_ref(logits, t, k, p, u), "fused sample")
-    assert_equal(got, sample(probs(logits, t, k, p, impl="triton"), u, impl="triton"), "fused vs two kernels")
+    assert_equal(got, sample(probs(logits, t, k, p, kernels="triton"), u, kernels="triton"), "fused vs two kernels")
 
 
 @needs_triton
@@ -247,7 +247,7 @@ def test_stratified_sampling_through_the_kernels_is_exact(n):
     logits[0, 4] = -math.inf
     u = (torch.arange(n) + 0.5) / n
     params = (torch.full((n,), 0.8), torch.full((n,), 6), torch.full((n,), 0.9))
-    tokens = sample_logits(logits.expand(n, -1), *params, u, impl="triton")
+    tokens = sample_logits(logits.expand(n, -1), *params, u, kernels="triton")
     pr = probs_ref(logits, *(x[:1] for x in params))[0]
     freq = torch.bincount(tokens, minlength=13).double() / n
     assert (freq[pr == 0] == 0).all()
@@ -264,8 +264,8 @@ def test_strided_inputs_and_parameter_layouts():
     t, p = params[:, 0], params[:, 2]  # stride 3
     k = params[:, 1].to(torch.int32)
     u = torch.rand(3, 4, generator=g)[:, 1]
-    assert_equal(probs(logits, t, k, p, impl="triton"), probs_ref(logits, t, k, p), "strided probs")
-    assert_equal(sample_logits(logits, t, k, p, u, impl="triton"), sample_logits_ref(logits, t, k, p, u), "tokens")
+    assert_equal(probs(logits, t, k, p, kernels="triton"), probs_ref(logits, t, k, p), "strided probs")
+    assert_equal(sample_logits(logits, t, k, p, u, kernels="triton"), sample_logits_ref(logits, t, k, p, u), "tokens")
 
 
 @needs_triton
@@ -283,7 +283,7 @@ def test_larger_vocabulary_near_ties():
     k = torch.tensor([30, 0, 45, 61])
     p = torch.tensor([1.0, 0.3, 0.9, 0.5])
     want = probs_ref(logits, t, k, p)
-    assert_equal(probs(logits, t, k, p, impl="triton"), want, "probs")
+    assert_equal(probs(logits, t, k, p, kernels="triton"), want, "probs")
     assert (want[0] > 0).sum() >= 30
 
 
@@ -293,16 +293,16 @@ def test_larger_vocabulary_near_ties():
 
 def test_auto_on_cpu_runs_the_reference(monkeypatch):
     def boom(*args, **kwargs):
-        raise AssertionError("kernel launched for CPU inputs with impl='auto'")
+        raise AssertionError("kernel launched for CPU inputs with kernels='auto'")
 
     monkeypatch.setattr(sampling, "launch", boom)
     logits = torch.randn(2, 7)
     t, k, p, u = torch.ones(2), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.rand(2)
     assert torch.equal(probs(logits, t, k, p), probs_ref(logits, t, k, p))
     assert torch.equal(sample(probs_ref(logits, t, k, p), u), sample_ref(probs_ref(logits, t, k, p), u))
-    assert torch.equal(sample_logits(logits, t, k, p, u, impl="ref"), sample_logits_ref(logits, t, k, p, u))
-    with pytest.raises(ValueError, match="impl"):
-        probs(logits, t, k, p, impl="cuda")
+    assert torch.equal(sample_logits(logits, t, k, p, u, kernels="ref"), sample_logits_ref(logits, t, k, p, u))
+    with pytest.raises(ValueError, match="kernels"):
+        probs(logits, t, k, p, kernels="cuda")
 
 
 @needs_triton
@@ -319,9 +319,9 @@ def test_launchers_validate_instead_of_copying():
     }
     for name, args in cases.items():
         with pytest.raises(ValueError):
-            probs(*args, impl="triton")
+            probs(*args, kernels="triton")
     with pytest.raises(ValueError):
-        sample(torch.rand(3, 9), torch.rand(4), impl="triton")
+        sample(torch.rand(3, 9), torch.rand(4), kernels="triton")
 
 
 @needs_triton
@@ -382,8 +382,8 @@ def test_probs_and_sample_kernels_large_vocab(v, n, dtype, data):
     t, k, p = data.draw(filter_params(n, v, logits.float()))
     u = torch.tensor([data.draw(st.sampled_from([0.0, 0.3, ALMOST_ONE, 1.0])) for _ in range(n)])
     with poisoned_outputs():
-        got = probs(logits, t, k, p, impl="triton")
-        tok = sample_logits(logits, t, k, p, u, impl="triton")
+        got = probs(logits, t, k, p, kernels="triton")
+        tok = sample_logits(logits, t, k, p, u, kernels="triton")
     want = probs_ref(logits, t, k, p)
     assert_equal(got, want, "probs")
     assert_equal(tok, sample_ref(want, u), "tokens")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dspark.model.draft import DraftConfig, DraftModel
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
 from dspark.train.loss import (LossConfig, aligned_target_logits, anchor_candidates, build_eval_mask, combine_terms,
                                dspark_loss, sample_anchors, slot_weights)
 from tests.compare import assert_close

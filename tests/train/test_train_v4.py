@@ -7,8 +7,9 @@ import functools
 
 import torch
 
+from dspark.checkpoint import load_weights
 from dspark.config import DSparkFields, TrainConfig
-from dspark.model.draft_v4 import V4DSparkDraft
+from dspark.draft.v4 import V4DSparkDraft
 from dspark.train.data import OnTheFly, target_view
 from dspark.train.loss import LossConfig, sample_anchors
 from dspark.train.trainer import DraftTrainer, weights_hash
@@ -71,5 +72,5 @@ def test_training_raises_acceptance_and_checkpoints_round_trip(tmp_path):
     after = tau(decode(target(), d, heldout, 1.0))
     assert last < 0.7 * first and after > before + 0.5, (first, last, before, after)
     fresh = draft(seed=7)
-    fresh.load_weights(tmp_path / "checkpoint" / "model")
+    load_weights(fresh, tmp_path / "checkpoint" / "model")
     assert weights_hash(fresh) == weights_hash(d)

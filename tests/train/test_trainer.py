@@ -11,8 +11,9 @@ import torch
 
 from dspark.config import TrainConfig
 from dspark.decode import generate
-from dspark.decode.dspark import DSparkDrafter
-from dspark.model.draft import DraftConfig, DraftModel
+from dspark.decode.block import DSparkDrafter
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
 from dspark.train.data import FeatureShards, OnTheFly, SequenceData
 from dspark.train.loss import LossConfig
 from dspark.train.trainer import DraftTrainer, weights_hash

@@ -1,7 +1,7 @@
 """DSpark / DFlash drafting in the engine: a parallel draft block conditioned on target features.
 
-The draft model (either layout: DeepSpec's Qwen3-style `dspark.model.draft.DraftModel` or the V4
-release's stages in `dspark.model.draft_v4`) provides
+The draft model (either layout: DeepSpec's Qwen3-style `dspark.draft.deepspec.DraftModel` or the V4
+release's stages in `dspark.draft.v4`) provides
 
     tap_layers, block_size, block_input_token, context_window (None = the whole prefix)
     project_context(features [N, F]) → C [N, d]              once per committed position

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dspark.text import load_tokenizer
-from dspark.train.corpus import (SPECIAL_TOKENS, CorpusSources, Manifest, _training_texts, build_corpus,
+from dspark.data.corpus import (SPECIAL_TOKENS, CorpusSources, Manifest, _training_texts, build_corpus,
                                  pack_documents, read_corpus, split_of, tokenize_corpus, train_tokenizer)
 from dspark.train.data import SequenceData
 
@@ -71,7 +71,7 @@ def test_split_fraction():
 
 def test_split_ignores_hash_seed():
     paths = list(KNOWN_SPLITS) + [f"stdlib/m{i}.py" for i in range(200)]
-    code = ("import json, sys; from dspark.train.corpus import split_of; "
+    code = ("import json, sys; from dspark.data.corpus import split_of; "
             "print(json.dumps([split_of(p) for p in json.loads(sys.stdin.read())]))")
     # This process hashes with a random seed (str hashes differ run to run), the child with a fixed one.
     env = {**os.environ, "PYTHONHASHSEED": "4242", "OMP_NUM_THREADS": "1"}

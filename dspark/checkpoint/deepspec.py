@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dspark.model.draft import DraftConfig, DraftModel
-from dspark.model.load import CheckpointReader, config_path, raw_config
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
+from dspark.checkpoint.reader import CheckpointReader, config_path, listing, raw_config, read_sts
 
 ARCHITECTURE = "Qwen3DSparkModel"
 _SHARED = ("embed_tokens.weight", "lm_head.weight")
@@ -114,11 +115,7 @@ def read_draft_config(path: str | Path) -> DraftConfig:
         raise ValueError(f"{config_path(path)}: {e}") from None
 
 
-def _listing(names: list[str], limit: int = 10) -> str:
-    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def load_draft(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+def load_deepspec_draft(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                shared_embed: torch.Tensor | None = None, shared_head: torch.Tensor | None = None,
                kernels: str = "auto") -> DraftModel:
     """Build a `DraftModel` from a DeepSpec draft checkpoint, every tensor cast to `dtype` (bf16 → fp32 is exact).
@@ -134,23 +131,12 @@ def load_draft(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     return model
 
 
-def read_sts(path: str | Path) -> torch.Tensor | None:
-    """STS temperatures saved next to a draft (`sts.json`, dspark.train.calibrate), or None."""
-    file = Path(path) / "sts.json"
-    if not file.is_file():
-        return None
-    temps = json.loads(file.read_text()).get("sts_temperatures")
-    if not isinstance(temps, list) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
-        raise ValueError(f"{file}: sts_temperatures must be a list of positive numbers")
-    return torch.tensor(temps, dtype=torch.float32)
-
-
 def load_draft_weights(model: DraftModel, path: str | Path, *, shared_embed: torch.Tensor | None = None,
                        shared_head: torch.Tensor | None = None) -> None:
     """Copy a draft checkpoint into `model` in place (casting to its dtypes), strictly.
 
     The checkpoint's config must describe `model`; missing, unexpected, mis-shaped and non-float
-    tensors are all reported by name before anything is copied. See `load_draft` for the shared tensors.
+    tensors are all reported by name before anything is copied. See `load_deepspec_draft` for the shared tensors.
     """
     config = read_draft_config(path)
     if config != model.config:
@@ -174,7 +160,7 @@ def load_draft_weights(model: DraftModel, path: str | Path, *, shared_embed: tor
             elif not ok:
                 bad.append(f"{source} is not floating point")
         unexpected = [k for k in reader.keys() if k not in state]
-        errors = [f"{len(v)} {what}: {_listing(v)}" for what, v in
+        errors = [f"{len(v)} {what}: {listing(v)}" for what, v in
                   (("missing tensors", missing), ("unexpected tensors", unexpected),
                    ("mis-shaped tensors", misshaped), ("bad tensors", bad)) if v]
         if errors:
@@ -184,7 +170,7 @@ def load_draft_weights(model: DraftModel, path: str | Path, *, shared_embed: tor
                 param.copy_(reader.get(name) if name in reader else shared[name])
 
 
-def save_draft(model: DraftModel, path: str | Path, *, include_shared: bool = True) -> None:
+def save_deepspec_draft(model: DraftModel, path: str | Path, *, include_shared: bool = True) -> None:
     """Write `config.json` and `model.safetensors` in DeepSpec's layout, in the model's dtypes.
 
     `include_shared=False` leaves out the frozen copies of the target's embedding and LM head (load
@@ -200,5 +186,3 @@ def save_draft(model: DraftModel, path: str | Path, *, include_shared: bool = Tr
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-__all__ = ["ARCHITECTURE", "draft_config_from_dict", "draft_config_to_dict", "read_draft_config", "load_draft",
-           "load_draft_weights", "save_draft"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dspark.model.quant import (FP4_VALUES, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8,
+from dspark.checkpoint.quant import (FP4_VALUES, dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8,
                                 scale_to_float)
 from tests.compare import assert_close
 

@@ -12,7 +12,7 @@ the PRE-norm collapsed state without bias (dspark_v4.md §4.4; a constructor swi
 feeds the post-norm state, §6.10).
 
 Parameter names are ours (`stages.{s}.self_attn.q_a_proj.weight`, `main_proj.weight`, ...);
-`dspark.model.load` maps them to the release's `mtp.{s}.*` names. The embedding and LM head are the
+`dspark.checkpoint.v4` maps them to the release's `mtp.{s}.*` names. The embedding and LM head are the
 target's and are not parameters of the draft.
 """
 
@@ -24,8 +24,8 @@ from torch import nn
 from dspark import ops
 from dspark.config import ModelConfig
 from dspark.model.layers import RMSNorm, linear
-from dspark.model.draft import TrainOutput, block_label_index
-from dspark.model.markov import BlockHeads, ConfidenceHead, MarkovHead
+from dspark.draft.protocol import TrainOutput, block_label_index
+from dspark.draft.heads import BlockHeads, ConfidenceHead, MarkovHead
 from dspark.model.mhc import HyperHead
 from dspark.model.target import DecoderLayer, cast_keeping_fp32_islands, randomize_, reset_rotary_buffers
 
@@ -113,7 +113,7 @@ class V4DSparkDraft(BlockHeads, nn.Module):
                 q, _ = attn.project_q(h, cos, sin)  # [N, γ, H, hd]
                 keys = torch.cat([rows.to(h.dtype), attn.project_kv(h, cos, sin)], dim=1)  # [N, C+γ, hd]
                 keys = torch.where(key_ok, keys, 0.0)
-                o = ops.sink_attention(q, keys, allowed, attn.sinks, attn.scale, impl=attn.kernels)
+                o = ops.sink_attention(q, keys, allowed, attn.sinks, attn.scale, kernels=attn.kernels)
                 return attn.project_out(o, cos, sin)
 
             streams = stage(streams, block_ids, attend)
@@ -159,19 +159,7 @@ class V4DSparkDraft(BlockHeads, nn.Module):
         return self.sample_block(self.base_logits(h), h.float(), anchor, temperature, top_k, top_p, u,
                                  h_confidence=conf_input)
 
-    # ---------------------------------------------------------------- construction and files
-    def save_pretrained(self, path) -> None:
-        from dspark.model.load import save_dspark_draft
-
-        save_dspark_draft(self, path)
-
-    def load_weights(self, path) -> None:
-        """Copy the `mtp.*` stages of a checkpoint into this draft (strict, FP8 / FP4 dequantised)."""
-        from dspark.model.load import dspark_stage_sources, load_weights
-
-        stages = len(self.stages)
-        load_weights(self, path, sources=lambda name, shape: dspark_stage_sources(name, shape, stages))
-
+    # ---------------------------------------------------------------- construction
     @classmethod
     def empty(cls, config: ModelConfig, num_stages: int, *, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", **kw) -> "V4DSparkDraft":

@@ -22,136 +22,16 @@ fp32); the fused block-attention kernel of dspark.md §10 replaces it in #7.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.config import KERNELS
+from dspark.config import DraftConfig
 from dspark.model.layers import RMSNorm
-from dspark.model.markov import MARKOV_HEAD_TYPES, BlockHeads, ConfidenceHead, MarkovHead
-
-DRAFT_KINDS = ("qwen3",)
-_INT_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-               "vocab_size", "block_size", "num_target_layers", "target_hidden_size", "max_position_embeddings")
-_BOOL_FIELDS = ("has_confidence_head", "confidence_with_markov", "confidence_bias")
-
-
-@dataclass(frozen=True)
-class DraftConfig:
-    """Shapes and switches of a block drafter (dspark.md §1.1); `kind` names the module layout."""
-
-    # layout: "qwen3" = DeepSpec's Qwen3DSparkModel (DSpark and DFlash alike)
-    kind: str
-    # backbone (Qwen3 decoder layers, full attention)
-    hidden_size: int  # d (= the target's for DeepSpec drafts)
-    num_layers: int  # L
-    num_heads: int  # H
-    num_kv_heads: int  # H_kv
-    head_dim: int  # hd
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float  # Qwen3 rotate-half RoPE, default rope type
-    vocab_size: int  # V: the full target vocabulary, no draft-vocabulary reduction
-    # block drafting
-    block_size: int  # γ: anchor + γ−1 MASK rows, γ draft tokens per round
-    mask_token_id: int
-    # context features: concat of the raw outputs of these target layers (-1 = embedding output)
-    target_layer_ids: tuple[int, ...]
-    num_target_layers: int
-    target_hidden_size: int
-    # sequential (Markov) head; rank 0 = DFlash (no head)
-    markov_rank: int = 0
-    markov_head_type: str = "vanilla"  # "vanilla" | "gated" | "rnn"
-    # confidence head: z = proj([h ; W1[prev]]) (or proj(h) without the Markov embedding)
-    has_confidence_head: bool = False
-    confidence_with_markov: bool = False
-    confidence_bias: bool = True
-    max_position_embeddings: int = 40960
-    # how the ops run (dspark.config.KERNELS), not what the draft is: never saved, not compared
-    kernels: str = field(default="auto", compare=False)
-
-    def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"invalid DraftConfig: {msg}")
-
-        need(self.kernels in KERNELS, f"kernels {self.kernels!r} not in {KERNELS}")
-        need(self.kind in DRAFT_KINDS, f"kind {self.kind!r} not in {DRAFT_KINDS}")
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive int, got {value!r}")
-        for name in _BOOL_FIELDS:
-            need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even (rotate-half RoPE)")
-        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta!r}")
-        need(isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size,
-             f"mask_token_id {self.mask_token_id!r} outside the vocabulary [0, {self.vocab_size})")
-        taps = self.target_layer_ids
-        need(isinstance(taps, tuple) and len(taps) > 0 and all(isinstance(t, int) for t in taps),
-             f"target_layer_ids must be a non-empty tuple of ints, got {taps!r}")
-        need(all(a < b for a, b in zip(taps, taps[1:])), f"target_layer_ids {taps} must be strictly increasing")
-        # The last target layer is never tapped: HF's hidden_states replaces its raw output by the
-        # final-normed state, so train and eval features would disagree (dspark.md §1.2).
-        last = self.num_target_layers - 1
-        need(all(t == -1 or 0 <= t < last for t in taps),
-             f"target_layer_ids {taps} must lie in {{-1}} ∪ [0, {last - 1}] (-1 = embedding output; the last "
-             f"target layer {last} may not be tapped)")
-        need(isinstance(self.markov_rank, int) and self.markov_rank >= 0,
-             f"markov_rank must be an int >= 0, got {self.markov_rank!r}")
-        need(self.markov_head_type in MARKOV_HEAD_TYPES,
-             f"markov_head_type {self.markov_head_type!r} not in {MARKOV_HEAD_TYPES}")
-        need(not self.confidence_with_markov or (self.has_confidence_head and self.markov_rank > 0),
-             "confidence_with_markov needs has_confidence_head and markov_rank > 0")
-
-    @property
-    def context_width(self) -> int:
-        """F: width of one context feature row."""
-        return len(self.target_layer_ids) * self.target_hidden_size
-
-    @property
-    def has_markov_head(self) -> bool:
-        return self.markov_rank > 0
-
-    @classmethod
-    def tiny(cls, **overrides) -> "DraftConfig":
-        """A small DSpark config with odd dims for tests (vanilla head, confidence head)."""
-        base = dict(
-            kind="qwen3", hidden_size=40, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12,
-            intermediate_size=56, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=67, block_size=5,
-            mask_token_id=61, target_layer_ids=(0, 2), num_target_layers=4, target_hidden_size=24,
-            markov_rank=6, markov_head_type="vanilla", has_confidence_head=True, confidence_with_markov=True,
-            max_position_embeddings=256,
-        )
-        base.update(overrides)
-        return cls(**base)
-
-
-@dataclass
-class TrainOutput:
-    """What `forward_train` returns: slot i of block k sits at positions[b, k, i] = p + i."""
-
-    draft_logits: torch.Tensor  # [B, K, γ, V] fp32, Markov-corrected with teacher forcing
-    confidence_logits: torch.Tensor | None  # [B, K, γ] fp32; None without a confidence head
-    labels: torch.Tensor  # [B, K, γ] int64: input_ids[min(p+i+1, S−1)], input_ids[0] for dummy blocks
-    positions: torch.Tensor  # [B, K, γ] int64 RoPE positions of the block rows
-
-
-def block_label_index(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """Sequence index of each slot's label: min(p+i+1, S−1) for kept blocks, 0 for dummy ones.
-
-    anchors [B, K] int64, keep [B, K] → [B, K, γ] int64.
-    """
-    offsets = torch.arange(1, block_size + 1, device=anchors.device)
-    index = (anchors.unsqueeze(-1) + offsets).clamp(max=seq_len - 1)
-    return torch.where(keep.bool().unsqueeze(-1), index, 0)
-
+from dspark.draft.heads import BlockHeads, ConfidenceHead, MarkovHead
+from dspark.draft.protocol import TrainOutput, block_label_index
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Qwen3 (NeoX) rotary embedding in fp32: x [..., T, heads, hd], cos/sin [..., T, hd/2]."""
@@ -286,22 +166,12 @@ class DraftModel(BlockHeads, nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", shared_embed: torch.Tensor | None = None,
                         shared_head: torch.Tensor | None = None, kernels: str = "auto") -> "DraftModel":
-        """Load a DeepSpec draft checkpoint directory (see `dspark.model.draft_load.load_draft`)."""
-        from dspark.model.draft_load import load_draft  # draft_load imports this module
+        """Load a DeepSpec draft checkpoint directory: the README's entry point, a facade over
+        `dspark.checkpoint.load_deepspec_draft` (allowed by name in tests/test_imports.py)."""
+        from dspark.checkpoint import load_deepspec_draft
 
-        return load_draft(path, dtype=dtype, device=device, shared_embed=shared_embed, shared_head=shared_head,
+        return load_deepspec_draft(path, dtype=dtype, device=device, shared_embed=shared_embed, shared_head=shared_head,
                           kernels=kernels)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        from dspark.model.draft_load import save_draft
-
-        save_draft(self, path)
-
-    def load_weights(self, path: str | Path) -> None:
-        """Copy a checkpoint of this exact config into the model (strict; see draft_load)."""
-        from dspark.model.draft_load import load_draft_weights
-
-        load_draft_weights(self, path)
 
     # ------------------------------------------------------------------ backbone
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,4 +292,4 @@ class DraftModel(BlockHeads, nn.Module):
                            confidence_logits=self.confidence_logits(h, prev), labels=labels, positions=positions)
 
 
-__all__ = ["DRAFT_KINDS", "MARKOV_HEAD_TYPES", "DraftConfig", "TrainOutput", "DraftModel", "block_label_index"]
+__all__ = ["DraftModel"]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dspark import ops
+from dspark.config import MARKOV_HEAD_TYPES
 
-MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
 class MarkovHead(nn.Module):
@@ -86,7 +86,7 @@ class BlockHeads:
         if self.markov_head is None:
             return logits, state
         x, state = self.markov_head.step(prev, h, state)
-        return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight, impl=self.kernels), state
+        return ops.markov_logits(logits, x, self.markov_head.markov_w2.weight, kernels=self.kernels), state
 
     def markov_sample(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor, temperature: torch.Tensor,
                       top_k: torch.Tensor | None, top_p: torch.Tensor | None, u: torch.Tensor,
@@ -95,11 +95,11 @@ class BlockHeads:
         """One slot of the block sampler in one op: `markov_logits`' arguments plus the sampling parameters
         and u [R] → (Ũ [R, V] fp32, token [R] int64 = sample(probs(Ũ, ...), u), new state)."""
         if self.markov_head is None:
-            q = ops.probs(logits, temperature, top_k, top_p, impl=self.kernels)
-            return logits, ops.sample(q, u, impl=self.kernels), state
+            q = ops.probs(logits, temperature, top_k, top_p, kernels=self.kernels)
+            return logits, ops.sample(q, u, kernels=self.kernels), state
         x, state = self.markov_head.step(prev, h, state)
         corrected, token = ops.markov_sample(logits, x, self.markov_head.markov_w2.weight, temperature, top_k, top_p,
-                                             u, impl=self.kernels)
+                                             u, kernels=self.kernels)
         return corrected, token, state
 
     def corrected_logits_tf(self, logits: torch.Tensor, prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -139,8 +139,8 @@ class BlockHeads:
             def rows(t: torch.Tensor | None) -> torch.Tensor | None:  # None: a filter off for every row
                 return None if t is None else t.unsqueeze(1).expand(r, g).reshape(r * g)
 
-            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p), impl=self.kernels)
-            tokens = ops.sample(q, u.reshape(r * g), impl=self.kernels).view(r, g)
+            q = ops.probs(logits.reshape(r * g, v), rows(temperature), rows(top_k), rows(top_p), kernels=self.kernels)
+            tokens = ops.sample(q, u.reshape(r * g), kernels=self.kernels).view(r, g)
             corrected = logits
         else:
             prev, state, rows_out, drawn = anchor, None, [], []

@@ -10,11 +10,12 @@ import torch
 
 from dspark.config import DSparkFields, ModelConfig
 from dspark.decode import generate
-from dspark.decode.dspark import DSparkDrafter
-from dspark.model.draft_v4 import V4DSparkDraft
-from dspark.model.load import config_to_dict, dspark_stage_sources, load_dspark_draft, load_model, to_upstream
+from dspark.decode.block import DSparkDrafter
+from dspark.draft.v4 import V4DSparkDraft
+from dspark.checkpoint import config_to_dict, load_target as load_model, load_v4_draft as load_dspark_draft
+from dspark.checkpoint.v4 import dspark_stage_sources, to_upstream
 from dspark.model.target import DeepseekV4
-from tests.model.test_load import FLASH_LEGACY, assert_states_equal, quantise_release, write
+from tests.checkpoint.test_v4 import FLASH_LEGACY, assert_states_equal, quantise_release, write
 
 DS = DSparkFields(block_size=5, noise_token_id=3, target_layer_ids=(0, 1, 2), markov_rank=8)
 CFG = ModelConfig.tiny(hidden_size=136, q_lora_rank=128, num_layers=3, layer_types=("sliding", "csa", "hca"),

@@ -1,4 +1,4 @@
-"""Config translation, tensor names, checkpoint reading, strict loading and saving (dspark.model.load)."""
+"""Config translation, tensor names, checkpoint reading, strict loading and saving (dspark.checkpoint.v4)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from dspark.config import DSparkFields, ModelConfig, RopeConfig
 from dspark.model.layers import rope_inv_freq
-from dspark.model.load import (CheckpointReader, config_from_dict, config_to_dict, detect_layout, detect_mtp,
-                               load_model, load_weights, read_config, read_mtp_state, save_pretrained,
-                               to_upstream, upstream_sources)
-from dspark.model.quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
+from dspark.checkpoint import CheckpointReader, config_from_dict, config_to_dict, read_config, read_mtp_state
+from dspark.checkpoint import load_target as load_model, save_target as save_pretrained
+from dspark.checkpoint.v4 import detect_layout, detect_mtp, load_weights, to_upstream, upstream_sources
+from dspark.checkpoint.quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
 from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
 

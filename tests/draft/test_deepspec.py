@@ -14,9 +14,10 @@ from dspark import ops
 from dspark.ops import _launch
 from dspark.ops import markov as markov_ops
 from dspark.ops import sampling as sampling_ops
-from dspark.model.draft import DraftConfig, DraftModel
-from dspark.model.draft_load import (draft_config_from_dict, draft_config_to_dict, load_draft, load_draft_weights,
-                                     save_draft)
+from dspark.config import DraftConfig
+from dspark.draft.deepspec import DraftModel
+from dspark.checkpoint.deepspec import (draft_config_from_dict, draft_config_to_dict, load_deepspec_draft as load_draft,
+                                     load_draft_weights, save_deepspec_draft as save_draft)
 from tests.compare import assert_close
 
 HEADS = {

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dspark import ops
-from dspark.model.draft import DraftModel
+from dspark.draft.deepspec import DraftModel
 from dspark.train.loss import LossConfig, aligned_target_logits, build_eval_mask, dspark_loss
 from tests.compare import assert_close
 
