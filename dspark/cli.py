@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from dspark.config import KERNELS, SamplingParams
-from dspark.decode.engine import METHODS
+from dspark.decode.methods import METHODS, draft_methods
 from dspark.decode.schedule import SCHEDULERS
-from dspark.llm import DRAFT_METHODS, DTYPES, LLM, Completion, default_model
+from dspark.llm import DTYPES, LLM, Completion, default_model
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -98,15 +98,13 @@ def cmd_generate(args) -> int:
     # Check the sampling values before loading a model that may take minutes (no stop token
     # ids come from the command line, so the vocabulary size does not matter here).
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   max_tokens=args.max_tokens).validate(vocab_size=0)
+                   max_tokens=args.max_tokens)
     if args.model is not None and not Path(args.model).is_dir():
         raise ValueError(f"--model: no checkpoint directory at {args.model}")
     # A random preset says so on stderr itself, before anything is generated.
     llm = LLM(args.model or args.preset or default_model(), method=args.method, num_draft_tokens=args.num_draft_tokens,
               dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler,
               cuda_graphs=args.cuda_graphs, kernels=args.kernels)
-    updates = llm.updates(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=args.stop)
     streaming = len(prompts) == 1
     escapes = _TERMINAL_ESCAPES if sys.stdout.isatty() else {}
     if not sys.stderr.isatty():
@@ -116,19 +114,20 @@ def cmd_generate(args) -> int:
     else:
         mode = "in-place"
     progress = _Progress(sys.stderr, mode)
-    completions: dict[int, Completion] = {}
     tokens, start = 0, time.perf_counter()
-    for update in updates:
-        tokens += len(update.token_ids)
-        if streaming and update.text:
-            sys.stdout.write(update.text.translate(escapes))
+
+    def on_text(index: int, text: str, token_ids: list[int]) -> None:
+        nonlocal tokens
+        tokens += len(token_ids)
+        if streaming and text:
+            sys.stdout.write(text.translate(escapes))
             sys.stdout.flush()
-        if update.completion is not None:
-            completions[update.index] = update.completion
         progress.update(tokens, time.perf_counter() - start)
+
+    results = llm.generate(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, stop=args.stop, on_text=on_text)
     elapsed = time.perf_counter() - start
     progress.done()
-    results = [completions[i] for i in range(len(prompts))]
     if streaming:
         print()
     else:
@@ -334,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt text; repeat for several prompts (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--prompt-file", action="append", metavar="FILE",
                    help="read one prompt from FILE ('-' for stdin); repeatable, combines with --prompt")
-    g.add_argument("--method", choices=METHODS + DRAFT_METHODS, default="ar",
+    g.add_argument("--method", choices=list(METHODS), default="ar",
                    help="decoding method: ar (plain autoregressive), mtp (the model's MTP module drafts), "
                         "ngram (prompt lookup), dspark / dflash / dflash-l1 / dspark-v4 (a trained draft shipped "
                         "next to the model); every method gives the same output distribution (default: ar)")
@@ -377,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default="tiny", metavar="PATH|PRESET",
                    help="target checkpoint directory, or a random-weight preset such as tiny (default: tiny)")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, log, draft)")
-    t.add_argument("--kind", choices=["dspark", "dflash", "dflash-l1", "dspark-v4"], default="dspark",
+    t.add_argument("--kind", choices=draft_methods(), default="dspark",
                    help="dspark (Markov + confidence heads), dflash (CE only), dflash-l1 (DFlash with the L1 "
                         "term), dspark-v4 (the V4 release layout; needs dspark_* target fields) (default: dspark)")
     t.add_argument("--layers", type=int, default=2, help="draft layers / V4 stages (default: 2)")
@@ -450,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, metavar="DIR", help="output directory")
     pr.add_argument("--model", metavar="PATH|PRESET",
                     help="checkpoint directory or preset (default: the embedded nano model)")
-    pr.add_argument("--method", default="dspark", choices=list(METHODS) + list(DRAFT_METHODS),
+    pr.add_argument("--method", default="dspark", choices=list(METHODS),
                     help="decoding method (default: dspark)")
     pr.add_argument("--scheduler", default="fixed", choices=list(SCHEDULERS), help="verify scheduler (default: fixed)")
     pr.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default: the method's)")

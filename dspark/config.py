@@ -3,7 +3,7 @@
 `ModelConfig` is the canonical description of a DeepSeek-V4 target. Field names here are
 ours; HF field names, legacy upstream names (`compress_ratios`, `num_hash_layers`,
 `qk_rope_head_dim`, `rope_scaling`, ...) and the `dspark_*` fields of the -DSpark releases
-are translated in `dspark/model/load.py` and nowhere else.
+are translated in `dspark/checkpoint/v4_config.py` and nowhere else.
 
 Vocabulary (deepseek_v4.md): D hidden, N mHC streams, H heads, hd head dim, rd rope dims,
 m compression rate, W sliding window, E experts, K experts per token, I expert width.
@@ -327,9 +327,22 @@ class DraftConfig:
         return cls(**base)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling parameters (architecture.md §9); validated by `validate`."""
+    """Per-request sampling parameters (architecture.md §9), checked when constructed: every value
+    must fit the tensor it is written to (int64, fp32) so a request never fails after admission.
+    Stop token ids are checked against the vocabulary by `Engine.add_request`."""
 
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off; keeps every token tied with the k-th
@@ -338,20 +351,70 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
 
-    def validate(self, vocab_size: int) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+    def __post_init__(self):
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= _INT64_MAX:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.temperature) or not 0 <= self.temperature < 3e38:  # fp32, finite
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= _INT64_MAX:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop token ids {bad} outside the vocabulary [0, {vocab_size})")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= _INT64_MAX):
+            raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(_is_int(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a sequence of integers, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # frozen: hashable, never aliased
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an `Engine` is sized and how it decodes (dspark.decode.engine). The method and its draft
+    are arguments of the engine, not fields here; the SPS table is measured by the caller
+    (`dspark.decode.sps.engine_sps`, `dspark sps`) and passed in."""
+
+    # sizes: slots, positions per request, prefill chunk, KV pages
+    max_batch: int = 8
+    max_seq_len: int | None = None  # None: min(the target's positions, 4096)
+    prefill_chunk: int = 512
+    memory_budget: int | None = None  # bytes for the KV cache; None: enough for max_batch × max_seq_len
+    page_size: int | None = None
+    token_bucket: int = 1  # verify / prefill rows padded to a multiple of this (fewer graph shapes)
+    max_stop_tokens: int = 8
+    # drafting and verification
+    num_draft_tokens: int | None = None  # None: the method's own; with a trained draft: verify at most this many
+    scheduler: str = "fixed"  # dspark.decode.schedule.SCHEDULERS
+    threshold: float = 0.0  # the threshold schedulers' cut
+    sps: tuple[float, ...] | None = None  # steps/s per verify batch size B = 0..Bmax (hardware, async)
+    adapt: bool = False  # correct confidences online from observed acceptances (dspark.decode.adapt)
+    # execution and recording
+    cuda_graphs: bool = False
+    record_proposals: bool = False  # read every round's drafts back (tests, acceptance studies)
+
+    def __post_init__(self):
+        for name in ("max_batch", "prefill_chunk", "token_bucket", "max_stop_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= 2**31:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_seq_len", "memory_budget", "page_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 1 <= value <= _INT64_MAX):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.num_draft_tokens is not None and (not _is_int(self.num_draft_tokens) or
+                                                  not 0 <= self.num_draft_tokens <= 1024):
+            raise ValueError(f"num_draft_tokens must be an integer in [0, 1024] or None, got {self.num_draft_tokens!r}")
+        if not isinstance(self.scheduler, str):
+            raise ValueError(f"scheduler must be a name, got {self.scheduler!r}")
+        if not _is_number(self.threshold) or not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if self.sps is not None and (not isinstance(self.sps, tuple) or not all(_is_number(v) for v in self.sps)):
+            raise ValueError("sps must be a tuple of steps/s per verify batch size")
+        for name in ("adapt", "cuda_graphs", "record_proposals"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

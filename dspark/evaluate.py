@@ -63,10 +63,9 @@ import torch
 import torch.nn.functional as F
 
 from dspark import checkpoint, ops
-from dspark.config import SamplingParams
+from dspark.config import EngineConfig, SamplingParams
+from dspark.decode import Engine, collect
 from dspark.decode.buffers import SlotState
-from dspark.decode.block import DSparkDrafter
-from dspark.decode.engine import Engine
 from dspark.decode.ngram import NgramDrafter
 from dspark.decode.stats import RequestStats
 from dspark.data.corpus import DOMAINS, tokenize_corpus
@@ -182,25 +181,17 @@ def heldout_files(run: Run, domain: str, count: int, min_tokens: int) -> list[tu
 # ------------------------------------------------------------------------------- end to end
 def make_engine(run: Run, method: str, max_seq_len: int) -> Engine:
     """Batch-1 Engine for `method` with full blocks and every round's proposals recorded."""
-    kw = dict(max_batch=1, max_seq_len=max_seq_len, record_proposals=True, scheduler="fixed")
-    if method in DRAFT_METHODS:
-        drafter = DSparkDrafter(run.drafts[method], max_batch=1, max_seq_len=max_seq_len, name=method)
-        return Engine(run.target, drafter=drafter, **kw)
     base = "mtp" if method.startswith("mtp") else method
-    return Engine(run.target, base, num_draft_tokens=run.gamma(method) if base != "ar" else None, **kw)
+    config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, record_proposals=True, scheduler="fixed",
+                          num_draft_tokens=run.gamma(method) if base in ("mtp", "ngram") else None)
+    return Engine(run.target, base, draft=run.drafts.get(method), config=config)
 
 
 def generate_one(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], RequestStats, float]:
     """One request alone in the engine → (generated ids, stats, wall seconds incl. prefill)."""
     start = time.perf_counter()
-    rid = engine.add_request(prompt, params)
-    tokens, stats = [], RequestStats()
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == rid:
-                tokens += out.new_token_ids
-                stats = out.stats
-    return tokens, stats, time.perf_counter() - start
+    (result,) = collect(engine, [prompt], [params])
+    return result.token_ids, result.stats, time.perf_counter() - start
 
 
 def repeated_ngrams(tokens: list[int], n: int = _NGRAM) -> tuple[int, int]:

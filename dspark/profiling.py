@@ -16,6 +16,7 @@ ranges when run with `--nsys` (see NSYS_RECIPE).
 from __future__ import annotations
 
 import json
+from contextlib import closing
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 
 from dspark.config import SamplingParams
+from dspark.decode.generate import run
+from dspark.llm import LLM
 
 ROUND = "dspark.round"
 NSYS_RECIPE = ("nsys profile --trace=cuda,nvtx,osrt --capture-range=cudaProfilerApi --capture-range-end=stop "
@@ -64,11 +67,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_round(engine) -> None:
-    """One engine step that must be a decode round (prefill is over and every request still runs)."""
-    if not engine.has_unfinished():
+def _decode_round(steps) -> None:
+    """One step of the host loop that must be a decode round (prefill is over and every request still runs)."""
+    outputs = next(steps, None)
+    if outputs is None or any(o.finished for o in outputs):
         raise RuntimeError("a request finished before the profiled rounds ended; this is a bug in the profiler")
-    engine.step()
 
 
 def _gaps(spans: list[tuple[float, float, str]], rounds: list[tuple[float, float]]) -> tuple[float, list[dict]]:
@@ -88,8 +91,6 @@ def _gaps(spans: list[tuple[float, float, str]], rounds: list[tuple[float, float
 
 def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) -> dict:
     """Run the profile and write trace.json, kernels.md and summary.json to `out`; returns the summary."""
-    from dspark.llm import LLM
-
     config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,14 +102,19 @@ def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) ->
     gamma = engine.drafter.num_draft_tokens
     # Enough tokens that no request can finish inside the profiled rounds; no stop tokens.
     budget = (config.warmup + config.rounds + 2) * (gamma + 1)
-    for i in range(config.concurrency):
-        ids = llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
-        engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
-                                               max_tokens=budget))
-    engine.prefill_all()
-    for _ in range(config.warmup):
-        _decode_round(engine)
-    _sync(device)
+    prompts = [llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(config.concurrency)]
+    params = [SamplingParams(temperature=config.temperature, seed=config.seed + i, max_tokens=budget)
+              for i in range(config.concurrency)]
+    with closing(run(engine, prompts, params)) as steps:
+        while engine.prefilling:
+            next(steps)
+        for _ in range(config.warmup):
+            _decode_round(steps)
+        _sync(device)
+        return _profile_rounds(config, out, engine, steps, device, progress)
+
+
+def _profile_rounds(config: ProfileConfig, out: Path, engine, steps, device, progress: bool) -> dict:
 
     say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     say(f"profiling {config.rounds} rounds of {config.method} at concurrency {config.concurrency} on {device}")
@@ -118,7 +124,7 @@ def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) ->
         for _ in range(config.rounds):
             torch.cuda.nvtx.range_push(ROUND)
             start = time.perf_counter()
-            _decode_round(engine)
+            _decode_round(steps)
             _sync(device)
             wall.append(1000 * (time.perf_counter() - start))
             torch.cuda.nvtx.range_pop()
@@ -136,7 +142,7 @@ def profile(config: ProfileConfig, out: str | Path, *, progress: bool = True) ->
         for _ in range(config.rounds):
             start = time.perf_counter()
             with record_function(ROUND):
-                _decode_round(engine)
+                _decode_round(steps)
                 _sync(device)
             wall.append(1000 * (time.perf_counter() - start))
     prof.export_chrome_trace(str(out / "trace.json"))

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from dspark.config import SamplingParams
-from dspark.decode.block import DSparkDrafter
-from dspark.decode.engine import Engine
+from dspark.config import EngineConfig, SamplingParams
+from dspark.decode import Engine
+from dspark.decode.generate import run as run_requests
 from dspark.decode.sps import profile_sps
 from dspark.evaluate import heldout_files, load_run
 from dspark.simulate import CostTable, Policy, TraceRound, plot, simulate, sweep
@@ -43,23 +43,20 @@ POLICIES = {  # name → (engine method or draft, scheduler, max verify)
 
 def engine_for(run, name: str, concurrency: int, max_seq_len: int, sps: list[float]) -> Engine:
     method, scheduler, max_verify = POLICIES[name]
-    kw = dict(max_batch=concurrency, max_seq_len=max_seq_len, record_proposals=True, scheduler=scheduler,
-              sps=sps if scheduler == "hardware" else None)
-    if method == "dspark":
-        return Engine(run.target, drafter=DSparkDrafter(run.drafts["dspark"], max_batch=concurrency,
-                                                        max_seq_len=max_seq_len), **kw)
-    return Engine(run.target, method, num_draft_tokens=max_verify, **kw)
+    config = EngineConfig(max_batch=concurrency, max_seq_len=max_seq_len, record_proposals=True, scheduler=scheduler,
+                          sps=tuple(sps) if scheduler == "hardware" else None, num_draft_tokens=max_verify)
+    return Engine(run.target, method, draft=run.drafts.get(method), config=config)
 
 
 def measure(engine: Engine, prompts: list[list[int]], max_tokens: int, seed: int, clock) -> dict:
-    """Decode every prompt to the end; time the decode rounds and their verify forwards.
+    """Decode every prompt to the end through the host loop; time each decode round and its verify forward.
 
     Speed is the steady state the simulator models: tokens and time of the rounds in which all
     C requests were still decoding. The rounds after the first request finishes serve fewer users
     (stragglers with low acceptance), which a closed loop of C users never does.
     """
     verify_ms, round_ms, round_tokens, round_full = [], [], [], []
-    target, decode = engine.target, engine._decode
+    target = engine.target
     forward = target.forward_batch
 
     def timed_forward(*a, **k):
@@ -68,35 +65,31 @@ def measure(engine: Engine, prompts: list[list[int]], max_tokens: int, seed: int
         verify_ms.append(1000 * (clock() - start))
         return out
 
-    def timed_decode(reqs):
-        start = clock()
-        out = decode(reqs)
-        round_ms.append(1000 * (clock() - start))
-        round_full.append(len(reqs) == len(prompts))
-        return out
-
-    ids = [engine.add_request(p, SamplingParams(temperature=1.0, seed=seed + i, max_tokens=max_tokens))
-           for i, p in enumerate(prompts)]
+    params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=max_tokens) for i in range(len(prompts))]
+    steps = run_requests(engine, prompts, params)
     stats = {}
-    engine._decode = timed_decode
+    target.forward_batch = timed_forward
     try:
-        while engine.has_unfinished():
-            before = len(round_ms)
-            target.forward_batch = timed_forward
-            outs = engine.step()
-            target.forward_batch = forward
-            if len(round_ms) == before:  # a prefill step: its forward is not a verify
+        while True:
+            start = clock()
+            outs = next(steps, None)
+            elapsed = clock() - start
+            if outs is None:
+                break
+            if engine.last_round_requests == 0:  # a prefill step: its forward is not a verify
                 verify_ms[len(round_ms):] = []
             else:
+                round_ms.append(1000 * elapsed)
+                round_full.append(engine.last_round_requests == len(prompts))
                 round_tokens.append(sum(len(o.new_token_ids) for o in outs))
             for o in outs:
                 stats[o.request_id] = o.stats
     finally:
-        engine._decode, target.forward_batch = decode, forward
+        target.forward_batch = forward
     steady = [i for i, full in enumerate(round_full) if full]
     tokens = sum(round_tokens[i] for i in steady)
     seconds = sum(round_ms[i] for i in steady) / 1000
-    return dict(stats=[stats[i] for i in ids], tokens=tokens, seconds=seconds, rounds=len(steady),
+    return dict(stats=[stats[i] for i in steps.request_ids], tokens=tokens, seconds=seconds, rounds=len(steady),
                 per_user_tps=tokens / seconds / len(prompts), verify_ms=verify_ms,
                 other_ms=[r - v for r, v in zip(round_ms, verify_ms)])
 
@@ -126,7 +119,7 @@ def measure_point(run, name: str, c: int, files, args, max_len: int, sps, clock)
 
 def traces_of(stats_list, engine: Engine) -> list[list[TraceRound]]:
     """Per request, its rounds' full-block acceptances and the confidences the engine's scheduler saw
-    (the raw head logits through the drafter's STS temperatures, as `DSparkDrafter` calibrates them)."""
+    (the raw head logits through the drafter's STS temperatures, as `BlockDrafter` calibrates them)."""
     sts = getattr(engine.drafter, "sts", None)
     temps = sts.tolist() if sts is not None else None
     out = []

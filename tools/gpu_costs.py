@@ -67,7 +67,8 @@ from dspark.decode.sps import profile_sps
 from dspark.model.batch import Batch, StepIndex
 from dspark.model.cache import TargetCache
 from dspark.draft.v4 import V4DSparkDraft
-from dspark.model.target import DeepseekV4, cached_attend, randomize_
+from dspark.model.decoder import cached_attend, randomize_
+from dspark.model.target import DeepseekV4
 from dspark.simulate import CostTable
 
 ROOT = Path(__file__).resolve().parents[1]

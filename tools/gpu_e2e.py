@@ -17,11 +17,13 @@ import argparse
 import json
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
 
 from dspark.config import SamplingParams
+from dspark.decode.generate import run
 from dspark.llm import LLM
 from dspark.profiling import PROMPTS
 
@@ -36,24 +38,25 @@ def measure(method: str, concurrency: int, graphs: bool, args) -> dict:
               cuda_graphs=graphs)
     engine = llm.engine
     device = engine.target.lm_head.weight.device
-    for i in range(concurrency):
-        engine.add_request(llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
-                           SamplingParams(temperature=1.0, seed=args.seed + i, max_tokens=args.tokens))
-    engine.prefill_all()
-    for _ in range(args.warmup):  # graphs: the first round of a shape runs eagerly, the second captures
-        engine.step()
+    prompts = [llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)]
+    params = [SamplingParams(temperature=1.0, seed=args.seed + i, max_tokens=args.tokens) for i in range(concurrency)]
     tokens = rounds = 0
     seconds = 0.0
-    while len(engine._running) == concurrency and rounds < args.rounds:
-        _sync(device)
-        start = time.perf_counter()
-        outs = engine.step()
-        _sync(device)
-        if len(engine._running) < concurrency:  # this round finished a request: not steady state
-            break
-        seconds += time.perf_counter() - start
-        tokens += sum(len(o.new_token_ids) for o in outs)
-        rounds += 1
+    with closing(run(engine, prompts, params)) as steps:
+        while engine.prefilling:
+            next(steps)
+        for _ in range(args.warmup):  # graphs: the first round of a shape runs eagerly, the second captures
+            next(steps)
+        while rounds < args.rounds:
+            _sync(device)
+            start = time.perf_counter()
+            outs = next(steps, None)
+            _sync(device)
+            if outs is None or any(o.finished for o in outs):  # a round that finished a request: not steady state
+                break
+            seconds += time.perf_counter() - start
+            tokens += sum(len(o.new_token_ids) for o in outs)
+            rounds += 1
     if rounds == 0:
         raise RuntimeError(f"{method} at concurrency {concurrency}: no steady round; raise --tokens")
     replays = engine.graphs.replays if engine.graphs is not None else 0

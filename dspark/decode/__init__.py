@@ -1,6 +1,9 @@
-"""The decoding engine: batched requests, draft → verify → accept → roll back, generate()."""
+"""The decoding engine: the method registry, batched requests, draft → schedule → verify → accept →
+roll back, and the one host loop (`run`) that `generate()` and every other caller use."""
 
+from dspark.config import EngineConfig
 from dspark.decode.engine import Engine, RequestOutput
-from dspark.decode.generate import GenerationResult, generate
+from dspark.decode.generate import GenerationResult, collect, generate, run
+from dspark.decode.methods import METHODS
 
-__all__ = ["Engine", "RequestOutput", "generate", "GenerationResult"]
+__all__ = ["METHODS", "Engine", "EngineConfig", "GenerationResult", "RequestOutput", "collect", "generate", "run"]

@@ -1,13 +1,6 @@
-"""DSpark / DFlash drafting in the engine: a parallel draft block conditioned on target features.
-
-The draft model (either layout: DeepSpec's Qwen3-style `dspark.draft.deepspec.DraftModel` or the V4
-release's stages in `dspark.draft.v4`) provides
-
-    tap_layers, block_size, block_input_token, context_window (None = the whole prefix)
-    project_context(features [N, F]) → C [N, d]              once per committed position
-    context_rows(C, positions) → per layer a tuple of row tensors [N, ...]   (what is cached)
-    draft_block(block_ids, block_pos, context, context_valid, anchor, temperature, top_k, top_p, u)
-        → tokens [R, γ], corrected logits [R, γ, V], confidence logits [R, γ] | None
+"""Block drafting in the engine (DSpark, DFlash, either layout): a parallel draft block conditioned
+on target features, from a draft model as `dspark.draft.protocol` describes it (DeepSpec's
+Qwen3-style `dspark.draft.deepspec.DraftModel` or the V4 release's `dspark.draft.v4.V4DSparkDraft`).
 
 Context rule (dspark.md §11.1, §11.14; dspark_v4.md §3.4): the cache holds rows of COMMITTED
 positions only, keyed by position mod capacity, written in `observe` for every newly committed row
@@ -24,16 +17,15 @@ from dspark.decode.buffers import SlotState
 from dspark.decode.drafter import Drafter, Proposal
 
 
-class DSparkDrafter(Drafter):
+class BlockDrafter(Drafter):
     """`sts_temperatures` [γ] (Sequential Temperature Scaling, dspark.train.calibrate) calibrate the
     confidences: c_k = σ(z_k / T_k); default: the draft's `sts_temperatures` attribute, else none."""
 
-    def __init__(self, draft, *, max_batch: int, max_seq_len: int, name: str | None = None,
-                 sts_temperatures=None):
+    def __init__(self, draft, *, max_batch: int, max_seq_len: int, sts_temperatures=None):
         vocab = draft.vocab_size
         super().__init__(vocab, draft.block_size)
         self.draft = draft
-        self.name = name or ("dspark" if getattr(draft, "has_markov_head", True) else "dflash")
+        self.has_confidence = getattr(draft, "confidence_head", None) is not None
         self.tap_layers = tuple(draft.tap_layers)
         self.capacity = min(draft.context_window or max_seq_len, max_seq_len)
         self.max_batch = max_batch
@@ -45,6 +37,18 @@ class DSparkDrafter(Drafter):
             if temps.shape != (self.num_draft_tokens,) or not (temps > 0).all():
                 raise ValueError(f"STS temperatures must be {self.num_draft_tokens} positive values, got {temps.tolist()}")
         self.sts = temps
+
+    @classmethod
+    def build(cls, target, cache, draft, num_draft_tokens, max_batch, max_seq_len):
+        if draft is None:
+            raise ValueError("a block drafter needs a trained draft model")
+        if draft.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.vocab_size}) is not the target's "
+                             f"({target.config.vocab_size})")
+        depth = target.config.num_layers
+        if any(t >= depth for t in draft.tap_layers):
+            raise ValueError(f"the draft taps target layers {list(draft.tap_layers)}; the target has {depth}")
+        return cls(draft.eval(), max_batch=max_batch, max_seq_len=max_seq_len)
 
     def _allocate(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
         # Row shapes are only known from the draft's first output: one buffer per layer and tensor,

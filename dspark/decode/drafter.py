@@ -10,6 +10,8 @@ committed after every forward so that its context grows and rolls back with the 
 `ops.probs(logits, *slots.sampling())` — the slot's temperature / top-k / top-p, None where no slot
 samples / filters — (or be a deterministic choice reported as a one-hot, which is equally lossless),
 because rejection sampling recomputes q from them.
+Drafters are built by the engine (`build`, with the engine's sizes) from the method registry
+(dspark.decode.methods); nothing else constructs them.
 `observe` gets the target forward's output and batch with `valid` narrowed to the rows that are
 now committed; `next_ids` [T] is the token that follows each row (the anchor for the last row),
 `last_row` [R] the flat index of each slot's last committed row, `ready` [R] the slots whose anchor
@@ -38,12 +40,17 @@ class Proposal:
 class Drafter:
     """Base class: the `ar` method (γ = 0: every round is one plain target step)."""
 
-    name = "ar"
     tap_layers: tuple[int, ...] = ()
+    has_confidence = False  # proposals carry confidences (what the adaptive schedulers read)
 
     def __init__(self, vocab_size: int, num_draft_tokens: int = 0):
         self.vocab_size = vocab_size
         self.num_draft_tokens = num_draft_tokens
+
+    @classmethod
+    def build(cls, target, cache, draft, num_draft_tokens: int, max_batch: int, max_seq_len: int) -> "Drafter":
+        """The drafter an engine of these sizes uses (`dspark.decode.methods` names the class)."""
+        return cls(target.config.vocab_size, num_draft_tokens)
 
     def admit(self, slot: int, prompt: list[int]) -> None:
         """Host-side, before the request's first forward."""

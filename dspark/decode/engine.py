@@ -15,32 +15,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark.config import SamplingParams
+from dspark.config import EngineConfig, SamplingParams
+from dspark.decode import methods
 from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
-from dspark.decode.drafter import Drafter
 from dspark.decode.graphs import CapturedRounds
-from dspark.decode.mtp import MTPDrafter
-from dspark.decode.ngram import NgramDrafter
+from dspark.decode.schedule import make_scheduler
 from dspark.decode.stats import RequestStats
-from dspark.decode import schedule as schedulers
 from dspark.decode.step import (RoundPlan, decode_round, draft_and_schedule, prefill_layout, prefill_step,
                                verify_round)
 from dspark.model.batch import context_bucket
-from dspark.model.cache import CacheFullError, TargetCache
-
-METHODS = ("ar", "mtp", "ngram")
-DEFAULT_DRAFT_TOKENS = {"ar": 0, "mtp": 1, "ngram": 4}
+from dspark.model.cache import CacheFullError
 
 
 @dataclass
 class RequestOutput:
+    """What one step added to one request (the engine's only result type)."""
+
     request_id: int
-    new_token_ids: list[int]
+    new_token_ids: list[int]  # a stop token the request emitted is the last one, and kept
     new_logprobs: list[float]
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     stats: RequestStats
+    stop_token: int | None = None  # the stop token that finished the request (finish_reason "stop")
 
 
 @dataclass
@@ -55,6 +53,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
+    stop_token: int | None = None
 
     @property
     def committed(self) -> int:
@@ -63,52 +62,39 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, target, method: str = "ar", *, drafter: Drafter | None = None,
-                 num_draft_tokens: int | None = None, max_batch: int = 8, max_seq_len: int | None = None,
-                 prefill_chunk: int = 512, memory_budget: int | None = None, page_size: int | None = None,
-                 token_bucket: int = 1, max_stop_tokens: int = 8, record_proposals: bool = False,
-                 scheduler: str = "fixed", threshold: float = 0.0, sps=None, adapt: bool = False,
-                 cuda_graphs: bool = False):
-        if drafter is None and method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or a drafter object")
-        if max_batch < 1 or prefill_chunk < 1 or token_bucket < 1:
-            raise ValueError("max_batch, prefill_chunk and token_bucket must be >= 1")
+    """`Engine(target, method, draft=None, config=EngineConfig(...))`: the method's drafter (built
+    here, with the engine's sizes, from dspark.decode.methods), its scheduler, the paged target
+    cache and the slots. `draft` is the trained draft model of the block methods (dspark, dflash...)."""
+
+    def __init__(self, target, method: str = "ar", draft=None, config: EngineConfig | None = None):
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        spec = methods.get(method)
+        if spec.needs_draft and draft is None:
+            raise ValueError(f"method {method!r} needs a trained draft model (draft=...)")
+        if draft is not None and not spec.needs_draft:
+            raise ValueError(f"method {method!r} takes no draft model")
+        gamma, self.max_verify = spec.draft_tokens(draft, config.num_draft_tokens)
         cfg = target.config
-        self.target = target.eval()
+        self.target, self.config, self.method = target.eval(), config, method
         self.device = target.lm_head.weight.device
-        self.max_batch, self.prefill_chunk, self.token_bucket = max_batch, prefill_chunk, token_bucket
-        self.record_proposals = record_proposals  # read every round's drafts back (tests, acceptance studies)
-        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
-        gamma = drafter.num_draft_tokens if drafter is not None else (
-            DEFAULT_DRAFT_TOKENS[method] if num_draft_tokens is None else num_draft_tokens)
-        if drafter is not None and num_draft_tokens is not None and num_draft_tokens > gamma:
-            raise ValueError(f"num_draft_tokens {num_draft_tokens} is larger than the drafter's block ({gamma})")
-        # A drafter always drafts its full block; at most `max_verify` of it is verified per round.
-        self.max_verify = gamma if num_draft_tokens is None or drafter is None else num_draft_tokens
-        if method == "ar" and drafter is None and gamma != 0:
-            raise ValueError("method 'ar' drafts nothing: num_draft_tokens must be 0 or None")
-        if gamma < 0:
-            raise ValueError(f"num_draft_tokens must be >= 0, got {gamma}")
-        self.cache = TargetCache(cfg, max_batch=max_batch, max_seq_len=self.max_seq_len, max_provisional=gamma + 1,
-                                 page_size=page_size, memory_budget=memory_budget, dtype=target.dtype,
-                                 device=self.device, with_mtp=drafter is None and method == "mtp")
-        if drafter is None:
-            if method == "mtp":
-                drafter = MTPDrafter(target, self.cache, gamma)
-            elif method == "ngram":
-                drafter = NgramDrafter(cfg.vocab_size, gamma, max_batch, self.max_seq_len, device=self.device)
-            else:
-                drafter = Drafter(cfg.vocab_size, 0)
-        self.drafter, self.method = drafter, drafter.name
+        self.max_batch, self.prefill_chunk, self.token_bucket = config.max_batch, config.prefill_chunk, config.token_bucket
+        self.max_seq_len = config.max_seq_len or min(cfg.max_position_embeddings, 4096)
         self.num_draft_tokens = gamma
-        self.slots = SlotState.allocate(max_batch, max_stop_tokens, self.device)
-        self._schedule, self._capacities = self._scheduler(scheduler, threshold, sps), []
+        self.cache = target.new_cache(max_batch=self.max_batch, max_seq_len=self.max_seq_len, max_provisional=gamma + 1,
+                                      page_size=config.page_size, memory_budget=config.memory_budget,
+                                      with_mtp=spec.needs_mtp)
+        self.drafter = spec.drafter.build(target, self.cache, draft, gamma, self.max_batch, self.max_seq_len)
+        self.scheduler = make_scheduler(config.scheduler, gamma, has_confidence=self.drafter.has_confidence,
+                                        threshold=config.threshold, sps=config.sps, device=self.device)
+        self.slots = SlotState.allocate(self.max_batch, config.max_stop_tokens, self.device)
         # Online confidence correction from observed acceptances (only meaningful with a confidence head).
-        self.tracker = AcceptanceTracker(max_batch, max(gamma, 1), device=self.device) if adapt else None
-        self._k = torch.zeros((), dtype=torch.long, device=self.device)  # async capacity, updated in place
+        self.tracker = AcceptanceTracker(self.max_batch, max(gamma, 1), device=self.device) if config.adapt else None
         # Decode rounds replayed from CUDA graphs (dspark/decode/graphs.py); prefill stays eager.
-        self.graphs = CapturedRounds(max_batch, self.device) if cuda_graphs else None
-        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.graphs = CapturedRounds(self.max_batch, self.device) if config.cuda_graphs else None
+        self.last_round_requests = 0  # requests in the last decode round; 0 after a prefill step (benchmarks)
+        self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}
         self._done: list[RequestOutput] = []
@@ -117,9 +103,17 @@ class Engine:
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
         """Queue a request; bad input is refused here with a message naming the problem."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         cfg = self.target.config
-        prompt = list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids.flatten().tolist()
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 1:
+                raise ValueError(f"a prompt tensor must be 1-D token ids, got shape {list(prompt_ids.shape)}")
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, (str, bytes)):
+            raise TypeError("prompt_ids must be token ids, not text (dspark.LLM takes text)")
+        prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("empty prompt: at least one token id is needed")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -127,7 +121,9 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
-        params.validate(cfg.vocab_size)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"stop token ids {bad} outside the vocabulary [0, {cfg.vocab_size})")
         if len(params.stop_token_ids) > self.slots.stop_tokens.shape[1]:
             raise ValueError(f"at most {self.slots.stop_tokens.shape[1]} stop token ids per request")
         need = self._reserve(len(prompt), params)
@@ -193,42 +189,12 @@ class Engine:
     def _output(self, req: _Request, new: int) -> RequestOutput:
         return RequestOutput(req.rid, req.output[len(req.output) - new:] if new else [],
                              req.logprobs[len(req.logprobs) - new:] if new else [], req.finish_reason is not None,
-                             req.finish_reason, req.stats)
+                             req.finish_reason, req.stats, req.stop_token)
 
-    def _scheduler(self, name: str, threshold: float, sps):
-        """The verify-length rule as a device function (confidence, room, decoding) → ℓ [R]."""
-        if name not in schedulers.SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; expected one of {schedulers.SCHEDULERS}")
-        self.scheduler = name
-        if name == "fixed":
-            return lambda conf, room, active: schedulers.fixed(room.new_zeros(1, self.num_draft_tokens), room)
-        if self.num_draft_tokens == 0:
-            raise ValueError(f"scheduler {name!r} needs draft tokens; method {self.method!r} drafts none")
-        if name.startswith("threshold"):
-            if not 0 <= threshold <= 1:
-                raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-            rule = schedulers.threshold_slot if name == "threshold-slot" else schedulers.threshold_survival
-            return lambda conf, room, active: rule(self._need_confidence(conf), room, threshold)
-        if isinstance(sps, str) and sps == "auto":  # profile this engine's own verify step (cached)
-            from dspark.decode.sps import cached_profile, default_buckets, table
-
-            top = self.max_batch * (self.num_draft_tokens + 1)
-            sps = table(cached_profile(self.target, default_buckets(top), requests=self.max_batch), top)
-        if sps is None or isinstance(sps, str) or len(sps) < 2:
-            raise ValueError(f"scheduler {name!r} needs an SPS table (steps/s per verify batch size) or 'auto', "
-                             f"got {sps!r}")
-        self.sps = torch.as_tensor(sps, dtype=torch.float32, device=self.device)
-        if not torch.isfinite(self.sps).all() or (self.sps[1:] <= 0).any():
-            raise ValueError("the SPS table must hold positive, finite steps/s for every batch size >= 1")
-        if name == "hardware":
-            return lambda conf, room, active: schedulers.hardware(self._need_confidence(conf), room, active, self.sps)
-        return lambda conf, room, active: schedulers.async_topk(self._need_confidence(conf), room, self._k)
-
-    @staticmethod
-    def _need_confidence(conf):
-        if conf is None:
-            raise ValueError("this scheduler needs a drafter with a confidence head (dspark)")
-        return conf
+    def _stop(self, req: _Request) -> None:
+        """The request emitted a stop token (its last output token)."""
+        req.stop_token = req.output[-1]
+        self._finish(req, "stop")
 
     def _pad(self, n: int) -> int:
         return -(-n // self.token_bucket) * self.token_bucket
@@ -238,18 +204,26 @@ class Engine:
         """Step until every request that fits is admitted and past its prompt (so the next step is a
         decode round); returns the outputs of those steps (benchmarks, profiles, tests)."""
         outputs = []
-        while self._free_slots and self._waiting or any(r.prefilled < len(r.prompt) for r in self._running.values()):
+        while self.prefilling:
             outputs += self.step()
         return outputs
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether a request is waiting or still reading its prompt (the next step is not a pure decode round)."""
+        return bool(self._free_slots and self._waiting) or any(
+            r.prefilled < len(r.prompt) for r in self._running.values())
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outputs, self._done = self._done, []
         self._admit()
+        self.last_round_requests = 0
         prefilling = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
         if prefilling:
             outputs += self._prefill(prefilling)
         elif self._running:
+            self.last_round_requests = len(self._running)
             outputs += self._decode(list(self._running.values()))
         return outputs
 
@@ -278,7 +252,7 @@ class Engine:
             req.output.append(first[req.slot])
             req.logprobs.append(logprob[req.slot])
             if stopped[req.slot]:
-                self._finish(req, "stop")
+                self._stop(req)
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(req, "length")
             outputs.append(self._output(req, 1))
@@ -295,23 +269,18 @@ class Engine:
             room[r.slot] = min(self.max_verify, r.params.max_tokens - len(r.output) - 1)
         self.slots.decoding.copy_(decoding)
         self.slots.context = context_bucket(max(r.committed + int(room[r.slot]) + 1 for r in reqs))
-        rows = sum(int(room[r.slot]) + 1 for r in reqs)
-        if self.scheduler == "async":
-            # Capacity from two rounds before: the bucket size is known before this round's drafts.
-            k = self._capacities[-2] if len(self._capacities) >= 2 else rows - len(reqs)
-            self._k.fill_(k)
-            rows = min(rows, len(reqs) + k)
+        rows = self.scheduler.cap_rows(sum(int(room[r.slot]) + 1 for r in reqs), len(reqs))
         g, bucket = self.graphs, self._pad(rows)
         if g is not None:
-            plan = g.plan(committed, room, bucket, self._schedule, self.tracker)
+            plan = g.plan(committed, room, bucket, self.scheduler, self.tracker)
         else:
-            plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=bucket, schedule=self._schedule,
+            plan = RoundPlan(committed=committed.to(dev), room=room.to(dev), bucket=bucket, scheduler=self.scheduler,
                              tracker=self.tracker)
         # What the captured work depends on besides the bucket: the sampling parameters in use (greedy
         # only? filters?), the context bound.
         shape = (tuple(f is None for f in self.slots.sampling()), self.slots.context)
         target, cache, drafter, slots = self.target, self.cache, self.drafter, self.slots
-        if self.scheduler in ("fixed", "async"):  # the bucket is known before drafting
+        if self.scheduler.sized_before_drafting:
             round_ = lambda: decode_round(target, cache, drafter, slots, plan)  # noqa: E731
             res = round_() if g is None else g.run(("round", bucket, shape), round_)
         else:
@@ -331,11 +300,9 @@ class Engine:
         # the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
         logprobs, stopped, verified = res.logprobs.tolist(), res.stopped.tolist(), res.verify_len.tolist()
-        proposals = res.proposal.tolist() if self.record_proposals else None
-        conf = res.confidence_logits.tolist() if self.record_proposals and res.confidence_logits is not None else None
-        if self.scheduler == "async":
-            cap = schedulers.capacity(res.confidence, room.to(dev), decoding.to(dev), self.sps)
-            self._capacities.append(int(cap))
+        proposals = res.proposal.tolist() if self.config.record_proposals else None
+        conf = res.confidence_logits.tolist() if self.config.record_proposals and res.confidence_logits is not None else None
+        self.scheduler.observe(res.confidence, room.to(dev), decoding.to(dev))
         outputs = []
         for req in reqs:
             s = req.slot
@@ -348,7 +315,7 @@ class Engine:
             if conf is not None:
                 req.stats.confidence_logits.append(conf[s])
             if stopped[s]:
-                self._finish(req, "stop")
+                self._stop(req)
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(req, "length")
             outputs.append(self._output(req, len(new)))

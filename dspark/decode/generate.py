@@ -1,22 +1,94 @@
-"""`generate()`: token ids in, token ids out, through one Engine (continuous batching)."""
+"""The one host loop around `Engine.step`, and `generate()` on top of it.
+
+`run(engine, prompts, params)` admits the requests at once (bad input is refused there, before any
+step), then yields each step's outputs for them until all have finished; closing it early aborts
+what is left. Every caller that drives an engine goes through it: `generate` here, `dspark.LLM`
+(text, stop strings, streaming), the acceptance harness (dspark.eval), the training recipe, the
+profiler and the benchmarks (which time each `next()`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from dspark.config import SamplingParams
-from dspark.decode.drafter import Drafter
-from dspark.decode.engine import Engine
+from dspark.config import EngineConfig, SamplingParams
+from dspark.decode.engine import Engine, RequestOutput
 from dspark.decode.stats import RequestStats
 
 
 @dataclass
 class GenerationResult:
-    token_ids: list[int]
+    """One prompt's whole result: what its RequestOutputs added up to."""
+
+    token_ids: list[int]  # a stop token that ended the request is kept, last
     logprobs: list[float]
     finish_reason: str | None
     stats: RequestStats = field(default_factory=RequestStats)
+    stop_token: int | None = None
+
+
+class Run:
+    """The requests of one `run` call: iterate for each step's outputs of them (a list per step,
+    possibly empty) until all have finished; `close()` aborts the unfinished ones."""
+
+    def __init__(self, engine: Engine, request_ids: list[int]):
+        self.request_ids = request_ids  # in prompt order
+        self._steps = _steps(engine, request_ids)
+
+    def __iter__(self) -> Iterator[list[RequestOutput]]:
+        return self
+
+    def __next__(self) -> list[RequestOutput]:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
+
+
+def run(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Run:
+    """Add every request now (all or nothing: a bad one raises here and leaves none queued), then
+    step the engine as the returned `Run` is iterated."""
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+    added: list[int] = []
+    try:
+        for prompt, p in zip(prompts, params):
+            added.append(engine.add_request(prompt, p))
+    except BaseException:
+        for rid in added:  # all or nothing: a bad request leaves nothing queued
+            engine.abort(rid)
+        raise
+    return Run(engine, added)
+
+
+def _steps(engine: Engine, ids: list[int]) -> Iterator[list[RequestOutput]]:
+    pending = set(ids)
+    try:
+        while pending:
+            outputs = engine.step()
+            if not outputs and not engine.has_unfinished():
+                raise RuntimeError(f"the engine stopped without finishing requests {sorted(pending)}")
+            mine = [o for o in outputs if o.request_id in pending]
+            pending.difference_update(o.request_id for o in mine if o.finished)
+            yield mine
+    finally:  # reached on errors and when the caller closes the iterator early
+        for rid in pending:
+            engine.abort(rid)
+
+
+def collect(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+            ) -> list[GenerationResult]:
+    """`run` to the end: one GenerationResult per prompt, in order."""
+    requests = run(engine, prompts, params)
+    results = {rid: GenerationResult([], [], None) for rid in requests.request_ids}
+    for outputs in requests:
+        for out in outputs:
+            res = results[out.request_id]
+            res.token_ids += out.new_token_ids
+            res.logprobs += out.new_logprobs
+            res.stats, res.finish_reason, res.stop_token = out.stats, out.finish_reason, out.stop_token
+    return [results[rid] for rid in requests.request_ids]
 
 
 def _per_prompt(value, n: int, name: str) -> list:
@@ -27,14 +99,16 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def generate(target, prompts: Sequence[Sequence[int]], *, method: str = "ar", drafter: Drafter | None = None,
+def generate(target, prompts: Sequence[Sequence[int]], *, method: str = "ar", draft=None,
              num_draft_tokens: int | None = None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
              seed=None, eos_token_id=None, max_batch: int = 8, max_seq_len: int | None = None,
-             **engine_kw) -> list[GenerationResult]:
-    """Generate for every prompt (lists of token ids); scalars broadcast, lists give per-prompt values.
+             config: EngineConfig | None = None) -> list[GenerationResult]:
+    """Generate for every prompt (lists of token ids) with a new engine; scalars broadcast, lists give
+    per-prompt values. `draft` is the trained draft of a block method (dspark, dflash, ...).
 
     `seed` as an int gives prompt i the seed `seed + i`; `eos_token_id` (int or list) stops a request
-    when emitted (the stop token is kept in `token_ids`).
+    when emitted (the stop token is kept in `token_ids`). `config` sets every other engine field
+    (its `max_batch`, `max_seq_len` and `num_draft_tokens` are replaced by the arguments given here).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists")
@@ -48,18 +122,9 @@ def generate(target, prompts: Sequence[Sequence[int]], *, method: str = "ar", dr
               for t, k, p, s, m in zip(_per_prompt(temperature, n, "temperature"), _per_prompt(top_k, n, "top_k"),
                                        _per_prompt(top_p, n, "top_p"), seeds,
                                        _per_prompt(max_new_tokens, n, "max_new_tokens"))]
-    engine = Engine(target, method, drafter=drafter, num_draft_tokens=num_draft_tokens, max_batch=max_batch,
-                    max_seq_len=max_seq_len, **engine_kw)
-    ids = [engine.add_request(list(p), sp) for p, sp in zip(prompts, params)]
-    results = {rid: GenerationResult([], [], None) for rid in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            res = results[out.request_id]
-            res.token_ids += out.new_token_ids
-            res.logprobs += out.new_logprobs
-            res.stats = out.stats
-            res.finish_reason = out.finish_reason
-    return [results[rid] for rid in ids]
+    config = (config or EngineConfig()).replace(max_batch=max_batch, max_seq_len=max_seq_len,
+                                                num_draft_tokens=num_draft_tokens)
+    return collect(Engine(target, method, draft=draft, config=config), prompts, params)
 
 
-__all__ = ["generate", "GenerationResult"]
+__all__ = ["GenerationResult", "Run", "collect", "generate", "run"]

@@ -42,11 +42,11 @@ class CapturedRounds:
         self._pool = None if emulate else torch.cuda.graph_pool_handle()
         self.replays = 0  # rounds served from a graph after its capture (tests, stats)
 
-    def plan(self, committed: torch.Tensor, room: torch.Tensor, bucket: int, schedule, tracker) -> RoundPlan:
+    def plan(self, committed: torch.Tensor, room: torch.Tensor, bucket: int, scheduler, tracker) -> RoundPlan:
         """A RoundPlan over the static buffers, after copying this round's host values into them."""
         self.committed.copy_(committed, non_blocking=True)
         self.room.copy_(room, non_blocking=True)
-        return RoundPlan(committed=self.committed, room=self.room, bucket=bucket, schedule=schedule, tracker=tracker)
+        return RoundPlan(committed=self.committed, room=self.room, bucket=bucket, scheduler=scheduler, tracker=tracker)
 
     def run(self, key, fn: Callable[[], object]):
         """fn() runs one round (or half) reading only static or persistent tensors; returns its outputs,

@@ -24,8 +24,6 @@ from dspark.model.mtp import mtp_forward_batch
 
 
 class MTPDrafter(Drafter):
-    name = "mtp"
-
     def __init__(self, target, cache: TargetCache, num_draft_tokens: int = 1, depth: int = 0):
         super().__init__(target.config.vocab_size, num_draft_tokens)
         if not target.has_mtp:
@@ -41,6 +39,10 @@ class MTPDrafter(Drafter):
         self.last_streams = torch.zeros(r, cfg.hc_mult, cfg.hidden_size, dtype=target.dtype, device=dev)  # Y
         self.committed = torch.zeros(r, dtype=torch.long, device=dev)  # = target committed length L
 
+    @classmethod
+    def build(cls, target, cache, draft, num_draft_tokens, max_batch, max_seq_len):
+        return cls(target, cache, num_draft_tokens)
+
     def observe(self, out, batch, next_ids, last_row, ready):
         pairs = dataclasses.replace(batch, input_ids=next_ids, logits_rows=last_row)
         logits, y = mtp_forward_batch(self.target, out.streams, pairs, self.cache, self.depth)
@@ -54,19 +56,17 @@ class MTPDrafter(Drafter):
         sampling = slots.sampling()
         logits, streams = self.last_logits, self.last_streams
         tokens, all_logits = [], []
+        kernels = self.target.config.kernels
+        rows = torch.arange(r, device=u.device)
         for j in range(self.num_draft_tokens):
-            kernels = self.target.config.kernels
-            token = ops.sample(ops.probs(logits, *sampling, kernels=kernels), u[:, j], kernels=kernels)
+            token = ops.sample_logits(logits, *sampling, u[:, j], kernels=kernels)
             tokens.append(token)
             all_logits.append(logits)
             if j + 1 == self.num_draft_tokens:
                 break
             # Pair (Y, draft j+1) at position L + j: one token per slot, provisional in the MTP ring.
-            pos = self.committed + j
-            rows = torch.arange(r, device=pos.device)
-            step = Batch(input_ids=token, positions=pos, token_row=rows, valid=slots.decoding,
-                         slot=torch.cat([rows, rows.new_tensor([self.cache.dummy_slot])]),
-                         cache_len=torch.cat([pos, pos.new_zeros(1)]), new_start=torch.cat([rows, rows.new_tensor([r])]),
-                         new_len=torch.cat([torch.ones_like(pos), pos.new_zeros(1)]), logits_rows=rows)
+            # Flat row r is slot r (one token each); idle slots' rows are not valid.
+            step, _ = Batch.from_lengths(rows, self.committed + j, torch.ones_like(rows), r, self.cache.dummy_slot)
+            step = dataclasses.replace(step, input_ids=token, valid=slots.decoding)
             logits, streams = mtp_forward_batch(self.target, streams, step, self.cache, self.depth)
         return Proposal(tokens=torch.stack(tokens, 1), logits=torch.stack(all_logits, 1))

@@ -15,7 +15,7 @@ from dspark.decode.drafter import Drafter, Proposal, one_hot_logits
 
 
 class NgramDrafter(Drafter):
-    name = "ngram"
+    has_confidence = True  # 1 where a match was found, 0 elsewhere
 
     def __init__(self, vocab_size: int, num_draft_tokens: int, max_batch: int, max_seq_len: int,
                  max_n: int = 4, min_n: int = 1, device="cpu"):
@@ -25,6 +25,10 @@ class NgramDrafter(Drafter):
         self.max_n, self.min_n = max_n, min_n
         self.history = torch.zeros(max_batch + 1, max_seq_len + 1, dtype=torch.long, device=device)
         self.length = torch.zeros(max_batch + 1, dtype=torch.long, device=device)
+
+    @classmethod
+    def build(cls, target, cache, draft, num_draft_tokens, max_batch, max_seq_len):
+        return cls(target.config.vocab_size, num_draft_tokens, max_batch, max_seq_len, device=cache.device)
 
     def admit(self, slot, prompt):
         self.length[slot] = 0

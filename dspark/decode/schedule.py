@@ -19,6 +19,11 @@ full block; only verification is truncated. All functions are sync-free tensor c
     hardware            Algorithm 1: greedy admission by survival, maximising τ·SPS(B), with the
                         early stop that keeps it non-anticipating
     async               top-K admission by current survival; K from two rounds before (`capacity`)
+
+Each rule is wrapped in a `Scheduler` object (`make_scheduler`) that the engine and the pure step
+talk to: `lengths` is the device function the step calls; `sized_before_drafting` says whether the
+verify bucket is known before the drafts (fixed, async) or read back after scheduling (the
+synchronous adaptive ones); `cap_rows` and `observe` are the async scheduler's two-round history.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import torch
 
 SCHEDULERS = ("fixed", "threshold-slot", "threshold-survival", "hardware", "async")
+# Schedulers that read draft confidences (a drafter with a confidence head: dspark, ngram).
+NEEDS_CONFIDENCE = ("threshold-slot", "threshold-survival", "hardware", "async")
 
 
 def survival(confidence: torch.Tensor) -> torch.Tensor:
@@ -107,3 +114,100 @@ def async_topk(confidence: torch.Tensor, room: torch.Tensor, k: torch.Tensor) ->
     _, rows, ok = _ranked(confidence, room)
     admitted = (torch.arange(rows.numel(), device=rows.device) < k) & ok
     return _lengths_from(rows, admitted, confidence.shape[0])
+
+
+# ------------------------------------------------------------------------------- scheduler objects
+class Scheduler:
+    """`fixed`: verify every drafted slot the request has room for."""
+
+    name = "fixed"
+    sized_before_drafting = True  # the verify bucket is known before drafting (no host read in between)
+
+    def __init__(self, num_draft_tokens: int):
+        self.num_draft_tokens = num_draft_tokens
+
+    def lengths(self, confidence: torch.Tensor | None, room: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Device-side verify lengths ℓ [R] (≤ room) from confidences [R, γ] (None without a head)."""
+        return fixed(room.new_zeros(1, self.num_draft_tokens), room)
+
+    def cap_rows(self, rows: int, requests: int) -> int:
+        """Host-side: the flat verify rows this round may use, given `rows` for full blocks."""
+        return rows
+
+    def observe(self, confidence: torch.Tensor | None, room: torch.Tensor, active: torch.Tensor) -> None:
+        """Host-side, after a round: what the scheduler keeps of it."""
+
+
+class _Threshold(Scheduler):
+    sized_before_drafting = False
+
+    def __init__(self, num_draft_tokens: int, threshold: float, rule):
+        super().__init__(num_draft_tokens)
+        self.threshold, self.rule = threshold, rule
+
+    def lengths(self, confidence, room, active):
+        return self.rule(confidence, room, self.threshold)
+
+
+class _Hardware(Scheduler):
+    name = "hardware"
+    sized_before_drafting = False
+
+    def __init__(self, num_draft_tokens: int, sps: torch.Tensor):
+        super().__init__(num_draft_tokens)
+        self.sps = sps
+
+    def lengths(self, confidence, room, active):
+        return hardware(confidence, room, active, self.sps)
+
+
+class _Async(Scheduler):
+    """Capacity K from two rounds before: the bucket size is known before this round's drafts."""
+
+    name = "async"
+
+    def __init__(self, num_draft_tokens: int, sps: torch.Tensor):
+        super().__init__(num_draft_tokens)
+        self.sps = sps
+        self.k = torch.zeros((), dtype=torch.long, device=sps.device)  # updated in place (graphs)
+        self.capacities: list[int] = []
+
+    def lengths(self, confidence, room, active):
+        return async_topk(confidence, room, self.k)
+
+    def cap_rows(self, rows, requests):
+        k = self.capacities[-2] if len(self.capacities) >= 2 else rows - requests
+        self.k.fill_(k)
+        return min(rows, requests + k)
+
+    def observe(self, confidence, room, active):
+        # Host read: the capacity this round implies, for the round two steps later.
+        self.capacities.append(int(capacity(confidence, room, active, self.sps)))
+
+
+def make_scheduler(name: str, num_draft_tokens: int, *, has_confidence: bool, threshold: float = 0.0,
+                   sps=None, device="cpu") -> Scheduler:
+    """The scheduler `name` for a drafter of `num_draft_tokens` slots; bad combinations are refused here."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}")
+    if name == "fixed":
+        return Scheduler(num_draft_tokens)
+    if num_draft_tokens == 0:
+        raise ValueError(f"scheduler {name!r} needs draft tokens; this method drafts none")
+    if not has_confidence:
+        raise ValueError(f"scheduler {name!r} needs a drafter with confidences (dspark, ngram)")
+    if name.startswith("threshold"):
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        s = _Threshold(num_draft_tokens, threshold, threshold_slot if name == "threshold-slot" else threshold_survival)
+        s.name = name
+        return s
+    if sps is None or len(sps) < 2:
+        raise ValueError(f"scheduler {name!r} needs an SPS table (steps/s per verify batch size; measure it with "
+                         f"`dspark sps` or dspark.decode.sps.engine_sps), got {sps!r}")
+    table = torch.as_tensor(sps, dtype=torch.float32, device=device)
+    if not torch.isfinite(table).all() or (table[1:] <= 0).any():
+        raise ValueError("the SPS table must hold positive, finite steps/s for every batch size >= 1")
+    s = _Hardware(num_draft_tokens, table) if name == "hardware" else _Async(num_draft_tokens, table)
+    s.name = name
+    return s

@@ -5,7 +5,9 @@ so it must be measured on the real implementation, not assumed (performance.md).
 times `forward_batch` on a private cache: R requests with a committed context verify B tokens in
 total; the median of a few repeats after a warm-up. Results are cached per model, device and
 torch version under ~/.cache/dspark (or $DSPARK_CACHE); `table` fills every B in [0, Bmax] by
-linear interpolation of the step time between profiled buckets.
+linear interpolation of the step time between profiled buckets. `engine_sps` is what a caller
+passes as `EngineConfig.sps` for an engine of a given batch and draft length; the engine itself
+never profiles.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 import torch
 
 from dspark.model.batch import Batch
-from dspark.model.cache import TargetCache
 
 
 def default_buckets(max_tokens: int) -> list[int]:
@@ -48,8 +49,7 @@ def profile_sps(target, buckets: list[int], *, requests: int = 8, context: int =
     device = target.lm_head.weight.device
     r = max(1, min(requests, max(buckets)))
     per_request = -(-max(buckets) // r)
-    cache = TargetCache(cfg, max_batch=r, max_seq_len=context + per_request + 1, max_provisional=per_request + 1,
-                        dtype=target.dtype, device=device)
+    cache = target.new_cache(max_batch=r, max_seq_len=context + per_request + 1, max_provisional=per_request + 1)
     g = torch.Generator().manual_seed(0)
     for slot in range(r):
         cache.admit(slot, context + per_request + 1)
@@ -108,3 +108,10 @@ def cached_profile(target, buckets: list[int], *, requests: int = 8, context: in
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"sps": result}, indent=1) + "\n")
     return result
+
+
+def engine_sps(target, max_batch: int, num_draft_tokens: int, *, refresh: bool = False) -> tuple[float, ...]:
+    """The SPS table (index B = verify tokens, 0..max_batch·(γ+1)) for an engine of `max_batch` slots
+    drafting γ tokens: profiled on `target` (cached per model, device and threads)."""
+    top = max_batch * (num_draft_tokens + 1)
+    return tuple(table(cached_profile(target, default_buckets(top), requests=max_batch, refresh=refresh), top))

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from dspark import ops
 from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
 from dspark.decode.drafter import Drafter, Proposal
+from dspark.decode.schedule import Scheduler
 from dspark.model.batch import Batch
 from dspark.model.cache import TargetCache
 
@@ -44,8 +43,7 @@ class RoundPlan:
     committed: torch.Tensor  # [R] target cache length of each slot (its anchor's position)
     room: torch.Tensor  # [R] most drafts each slot may verify this round
     bucket: int  # static number of flat verify rows, ≥ Σ over decoding slots of (room + 1)
-    schedule: Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
-    # (confidence [R, γ] | None, room, decoding) → verify lengths ℓ [R], device-side
+    scheduler: Scheduler  # its `lengths(confidence [R, γ] | None, room, decoding)` → ℓ [R], device-side
     tracker: AcceptanceTracker | None = None  # online correction of confidences from past rounds
 
 
@@ -61,22 +59,10 @@ def verify_layout(committed: torch.Tensor, lengths: torch.Tensor, active: torch.
                   dummy_slot: int, context: int = 0) -> VerifyLayout:
     """The flat verify batch from device-side lengths, without host syncs: slot r's anchor and
     ℓ_r drafts at positions committed_r .. committed_r + ℓ_r, slots in order, padding at the end."""
-    r, dev = committed.shape[0], committed.device
     n = torch.where(active, lengths + 1, 0)  # rows per slot
-    ends = n.cumsum(0)
-    start = ends - n
-    total = ends[-1:]
-    flat = torch.arange(bucket, device=dev)
-    row = torch.searchsorted(ends, flat, right=True)  # slot of each flat row; r for padding
-    valid = flat < total
-    col = flat - torch.cat([start, total])[row]
-    slots = torch.arange(r + 1, device=dev)
-    slots[r] = dummy_slot
-    batch = Batch(input_ids=torch.zeros_like(flat), positions=torch.cat([committed, committed.new_zeros(1)])[row] + col,
-                  token_row=row, valid=valid, slot=slots, cache_len=torch.cat([committed, committed.new_zeros(1)]),
-                  new_start=torch.cat([start, total]), new_len=torch.cat([n, bucket - total]), logits_rows=flat,
-                  context=context)
-    return VerifyLayout(batch=batch, src_col=torch.where(valid, col, 0), start=torch.where(active, start, 0),
+    slots = torch.arange(committed.shape[0], device=committed.device)
+    batch, col = Batch.from_lengths(slots, committed, n, bucket, dummy_slot, context)
+    return VerifyLayout(batch=batch, src_col=col, start=torch.where(active, batch.new_start[:-1], 0),
                         verify_len=torch.where(active, lengths, 0))
 
 
@@ -102,8 +88,7 @@ def prefill_step(target, cache: TargetCache, drafter: Drafter, slots: SlotState,
     out = target.forward_batch(batch, cache, tap_layers=drafter.tap_layers)
     logits = out.logits  # [R, V]: one row per slot
     u = ops.uniforms(slots.seed, slots.offset, 1)[:, 0]
-    kernels = target.config.kernels
-    first = ops.sample(ops.probs(logits, *slots.sampling(), kernels=kernels), u, kernels=kernels)
+    first = ops.sample_logits(logits, *slots.sampling(), u, kernels=target.config.kernels)
     done = layout.completes
     slots.anchor.copy_(torch.where(done, first, slots.anchor))
     slots.offset.add_(done.long())
@@ -133,7 +118,7 @@ def draft_and_schedule(drafter: Drafter, slots: SlotState, plan: RoundPlan) -> D
     confidence = proposal.confidence
     if plan.tracker is not None and confidence is not None:
         confidence = plan.tracker.correct(confidence)
-    lengths = torch.minimum(plan.schedule(confidence, plan.room, active), plan.room)
+    lengths = torch.minimum(plan.scheduler.lengths(confidence, plan.room, active), plan.room)
     return Drafted(u=u, proposal=proposal, lengths=lengths, rows=torch.where(active, lengths + 1, 0).sum())
 
 

@@ -27,7 +27,7 @@ from dspark.model.layers import RMSNorm, linear
 from dspark.draft.protocol import TrainOutput, block_label_index
 from dspark.draft.heads import BlockHeads, ConfidenceHead, MarkovHead
 from dspark.model.mhc import HyperHead
-from dspark.model.target import DecoderLayer, cast_keeping_fp32_islands, randomize_, reset_rotary_buffers
+from dspark.model.decoder import DecoderLayer, cast_keeping_fp32_islands, randomize_, reset_rotary_buffers
 
 
 class V4DSparkDraft(BlockHeads, nn.Module):

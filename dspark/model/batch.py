@@ -15,8 +15,9 @@ Layouts: T flat tokens, R request rows (+1 dummy row that owns padding), J gathe
                                    capacity: a short request must not pay for max_seq_len. Bucketed to
                                    powers of two (`context_bucket`) so few distinct shapes arise.
 
-Everything here is a tensor computed without host syncs, so one step can be captured in a graph;
-`Batch.build` is the host-side constructor used by the engine loop and tests.
+Everything here is a tensor computed without host syncs, so one step can be captured in a graph.
+Two constructors: `Batch.build` on the host from token lists (prefill chunks, tests), and
+`Batch.from_lengths` on the device from per-row token counts (verify rounds, the MTP chain).
 """
 
 from __future__ import annotations
@@ -94,6 +95,28 @@ class Batch:
         return cls(input_ids=t(ids), positions=t(pos), token_row=t(rows), valid=t([True] * real + [False] * n_pad,
                    torch.bool), slot=t(slots), cache_len=t(cache_lens), new_start=t(starts), new_len=t(lens),
                    logits_rows=t(logits_rows), causal=causal, context=context_bucket(max(pos, default=0) + 1))
+
+    @classmethod
+    def from_lengths(cls, slot: torch.Tensor, cache_len: torch.Tensor, lengths: torch.Tensor, bucket: int,
+                      dummy_slot: int, context: int = 0) -> tuple["Batch", torch.Tensor]:
+        """Device-side constructor without host syncs: row r holds `lengths[r]` new tokens at positions
+        cache_len[r], cache_len[r] + 1, ...; rows in order, padding (dummy row and slot) up to `bucket`
+        flat tokens. Returns (batch with zero input ids and logits for every flat row, column [T] of each
+        token within its row). Σ lengths must not exceed `bucket` (the caller's static bound)."""
+        dev = cache_len.device
+        ends = lengths.cumsum(0)
+        start = ends - lengths
+        total = ends[-1:]
+        flat = torch.arange(bucket, device=dev)
+        row = torch.searchsorted(ends, flat, right=True)  # row of each flat token; r for padding
+        valid = flat < total
+        col = flat - torch.cat([start, total])[row]
+        cache = torch.cat([cache_len, cache_len.new_zeros(1)])
+        batch = cls(input_ids=torch.zeros_like(flat), positions=cache[row] + col, token_row=row, valid=valid,
+                    slot=torch.cat([slot, slot.new_tensor([dummy_slot])]), cache_len=cache,
+                    new_start=torch.cat([start, total]), new_len=torch.cat([lengths, bucket - total]), logits_rows=flat,
+                    context=context)
+        return batch, torch.where(valid, col, 0)
 
 
 class StepIndex:

@@ -20,7 +20,7 @@ from dspark.model.layers import RMSNorm, linear
 from dspark.model.mhc import HyperHead
 from dspark.model.batch import Batch, StepIndex
 from dspark.model.cache import TargetCache
-from dspark.model.target import AttendFn, DecoderLayer, cached_attend, dense_attend
+from dspark.model.decoder import AttendFn, DecoderLayer, cached_attend, dense_attend
 
 
 class MTPBlock(DecoderLayer):

@@ -35,11 +35,11 @@ from dspark.config import DSparkFields, ModelConfig, RopeConfig, TrainConfig
 from dspark.data import corpus as corpus_stage
 from dspark.train.data import SequenceData
 from dspark.train.pretrain import PretrainConfig, TargetTrainer
-from dspark.train.recipe import calibrate_draft, new_draft, train_draft
+from dspark.train.recipe import KINDS, calibrate_draft, new_draft, train_draft
 from dspark.model.target import DeepseekV4
 from dspark.train.trainer import weights_hash
 
-DRAFT_KINDS = ("dspark", "dflash", "dflash-l1", "dspark-v4")
+DRAFT_KINDS = KINDS  # every draft kind (= block method) the recipe trains and ships
 NOISE_TOKEN = 3  # <|mask|> of the nano tokenizer (dspark.data.corpus.SPECIAL_TOKENS)
 
 

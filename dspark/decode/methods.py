@@ -1,0 +1,68 @@
+"""The one registry of decoding methods: name → drafter class, whether it needs a trained draft or
+the target's MTP module, and how many tokens it drafts per round by default.
+
+Every caller (Engine, LLM, the CLI, eval, benchmarks) looks methods up here; nothing else lists
+their names. The block methods (dspark, dflash, dflash-l1, dspark-v4) share one drafter and differ
+in the draft they are given (a bundle keeps each under `drafts/<method>`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dspark.decode.block import BlockDrafter
+from dspark.decode.drafter import Drafter
+from dspark.decode.mtp import MTPDrafter
+from dspark.decode.ngram import NgramDrafter
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    drafter: type[Drafter]  # built by `drafter.build(target, cache, draft, num_draft_tokens, max_batch, max_seq_len)`
+    needs_draft: bool  # a trained draft model (DSpark / DFlash, either layout)
+    needs_mtp: bool  # the target's MTP module, and the MTP window ring in the target cache
+    default_draft_tokens: int | None  # γ when none is asked for; None: the draft's block size
+    help: str
+
+    def draft_tokens(self, draft, requested: int | None) -> tuple[int, int]:
+        """(γ drafted per round, most drafts verified per round) for `requested` (None: the default).
+
+        A trained draft always drafts its whole block; `requested` then caps how much is verified."""
+        if self.needs_draft:
+            gamma = draft.block_size
+            if requested is not None and not 0 <= requested <= gamma:
+                raise ValueError(f"num_draft_tokens {requested} is outside the draft's block [0, {gamma}]")
+            return gamma, gamma if requested is None else requested
+        gamma = self.default_draft_tokens if requested is None else requested
+        if self.name == "ar" and gamma != 0:
+            raise ValueError("method 'ar' drafts nothing: num_draft_tokens must be 0 or None")
+        if self.name != "ar" and gamma < 1:
+            raise ValueError(f"method {self.name!r} needs num_draft_tokens >= 1, got {gamma}")
+        return gamma, gamma
+
+
+_BLOCK = "a trained block draft shipped with the model (drafts/{}) proposes"
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ar", Drafter, False, False, 0, "plain autoregressive decoding"),
+    Method("mtp", MTPDrafter, False, True, 1, "the target's own MTP module, chained k times (k = 1: MTP-1)"),
+    Method("ngram", NgramDrafter, False, False, 4, "prompt lookup: what followed the context's last n-gram"),
+    Method("dspark", BlockDrafter, True, False, None, "DSpark: " + _BLOCK.format("dspark") + " a block, "
+           "Markov head and confidences"),
+    Method("dflash", BlockDrafter, True, False, None, "DFlash: " + _BLOCK.format("dflash") + " a parallel block"),
+    Method("dflash-l1", BlockDrafter, True, False, None, "DFlash trained with the L1 term"),
+    Method("dspark-v4", BlockDrafter, True, False, None, "DSpark in the V4 release layout (mtp.* stages)"),
+)}
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def draft_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.needs_draft)
+
+
+__all__ = ["METHODS", "Method", "draft_methods", "get"]
