@@ -363,7 +363,7 @@ class SamplingParams:
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= _INT64_MAX):
             raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, (tuple, list)) or not all(_is_int(t) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a sequence of integers, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be integers (a list or tuple), got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # frozen: hashable, never aliased
 
 
@@ -407,8 +407,10 @@ class EngineConfig:
             raise ValueError(f"scheduler must be a name, got {self.scheduler!r}")
         if not _is_number(self.threshold) or not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
-        if self.sps is not None and (not isinstance(self.sps, tuple) or not all(_is_number(v) for v in self.sps)):
-            raise ValueError("sps must be a tuple of steps/s per verify batch size")
+        if self.sps is not None:
+            if not isinstance(self.sps, (tuple, list)) or not all(_is_number(v) for v in self.sps):
+                raise ValueError("sps must be a sequence of steps/s per verify batch size")
+            object.__setattr__(self, "sps", tuple(self.sps))  # frozen: hashable, never aliased
         for name in ("adapt", "cuda_graphs", "record_proposals"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 import dspark.decode.engine as engine_module
-from dspark.config import ModelConfig, SamplingParams
-from dspark.decode import Engine
-from dspark.decode.block import DSparkDrafter
+from dspark.config import EngineConfig, ModelConfig, SamplingParams
+from dspark.decode import Engine, collect
 from dspark.model import DeepseekV4
 from dspark.model.batch import Batch
 from dspark.model.cache import TargetCache
-from tests.decode.test_dspark_drafter import make_draft, target as drafter_target
+from tests.helpers.drafters import dspark_target as drafter_target, make_draft
 
 
 def compiled(fn):
@@ -55,20 +54,16 @@ def test_engine_forward_compiles_without_graph_breaks(tiny):
     assert torch.equal(got.logits, want.logits) and torch.equal(got.streams, want.streams)
 
 
-def decode(model, method, drafter, compile_rounds: bool):
+def decode(model, method, draft, compile_rounds: bool):
     original = engine_module.decode_round
     if compile_rounds:
         engine_module.decode_round = compiled(original)
     try:
-        engine = Engine(model, method, drafter=drafter, num_draft_tokens=None if drafter or method == "ar" else 2,
-                        max_batch=2, max_seq_len=96)
-        ids = [engine.add_request(list(range(3, 17)), SamplingParams(temperature=1.0, seed=3, max_tokens=12)),
-               engine.add_request([7, 8, 9], SamplingParams(temperature=0.0, max_tokens=12))]
-        out = {i: [] for i in ids}
-        while engine.has_unfinished():
-            for o in engine.step():
-                out[o.request_id] += o.new_token_ids
-        return out
+        engine = Engine(model, method, draft, EngineConfig(
+            num_draft_tokens=None if draft is not None or method == "ar" else 2, max_batch=2, max_seq_len=96))
+        results = collect(engine, [list(range(3, 17)), [7, 8, 9]],
+                          [SamplingParams(temperature=1.0, seed=3, max_tokens=12), SamplingParams(max_tokens=12)])
+        return [r.token_ids for r in results]
     finally:
         engine_module.decode_round = original
 
@@ -79,8 +74,7 @@ def test_decode_rounds_compile_without_graph_breaks(tiny, method):
     """Whole draft → verify → accept rounds (several buckets, so several traces) equal eager decoding."""
     if method == "dspark":
         model = drafter_target()
-        new_drafter = lambda: DSparkDrafter(make_draft("gated"), max_batch=2, max_seq_len=96)  # noqa: E731
-        eager = decode(model, "ar", new_drafter(), False)
-        assert decode(model, "ar", new_drafter(), True) == eager
+        eager = decode(model, "dspark", make_draft("gated"), False)
+        assert decode(model, "dspark", make_draft("gated"), True) == eager
     else:
         assert decode(tiny, method, None, True) == decode(tiny, method, None, False)

@@ -66,7 +66,7 @@ class Engine:
     here, with the engine's sizes, from dspark.decode.methods), its scheduler, the paged target
     cache and the slots. `draft` is the trained draft model of the block methods (dspark, dflash...)."""
 
-    def __init__(self, target, method: str = "ar", draft=None, config: EngineConfig | None = None):
+    def __init__(self, target, method: str | methods.Method = "ar", draft=None, config: EngineConfig | None = None):
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -77,7 +77,7 @@ class Engine:
             raise ValueError(f"method {method!r} takes no draft model")
         gamma, self.max_verify = spec.draft_tokens(draft, config.num_draft_tokens)
         cfg = target.config
-        self.target, self.config, self.method = target.eval(), config, method
+        self.target, self.config, self.method = target.eval(), config, spec.name
         self.device = target.lm_head.weight.device
         self.max_batch, self.prefill_chunk, self.token_bucket = config.max_batch, config.prefill_chunk, config.token_bucket
         self.max_seq_len = config.max_seq_len or min(cfg.max_position_embeddings, 4096)
@@ -85,7 +85,7 @@ class Engine:
         self.cache = target.new_cache(max_batch=self.max_batch, max_seq_len=self.max_seq_len, max_provisional=gamma + 1,
                                       page_size=config.page_size, memory_budget=config.memory_budget,
                                       with_mtp=spec.needs_mtp)
-        self.drafter = spec.drafter.build(target, self.cache, draft, gamma, self.max_batch, self.max_seq_len)
+        self.drafter = spec.build(target, self.cache, draft, gamma, self.max_batch, self.max_seq_len)
         self.scheduler = make_scheduler(config.scheduler, gamma, has_confidence=self.drafter.has_confidence,
                                         threshold=config.threshold, sps=config.sps, device=self.device)
         self.slots = SlotState.allocate(self.max_batch, config.max_stop_tokens, self.device)

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 from dspark.config import EngineConfig, SamplingParams
 from dspark.decode.engine import Engine, RequestOutput
+from dspark.decode.methods import Method
 from dspark.decode.stats import RequestStats
 
 
@@ -99,16 +100,16 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def generate(target, prompts: Sequence[Sequence[int]], *, method: str = "ar", draft=None,
+def generate(target, prompts: Sequence[Sequence[int]], *, method: str | Method = "ar", draft=None,
              num_draft_tokens: int | None = None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
              seed=None, eos_token_id=None, max_batch: int = 8, max_seq_len: int | None = None,
-             config: EngineConfig | None = None) -> list[GenerationResult]:
+             **config_fields) -> list[GenerationResult]:
     """Generate for every prompt (lists of token ids) with a new engine; scalars broadcast, lists give
     per-prompt values. `draft` is the trained draft of a block method (dspark, dflash, ...).
 
     `seed` as an int gives prompt i the seed `seed + i`; `eos_token_id` (int or list) stops a request
-    when emitted (the stop token is kept in `token_ids`). `config` sets every other engine field
-    (its `max_batch`, `max_seq_len` and `num_draft_tokens` are replaced by the arguments given here).
+    when emitted (the stop token is kept in `token_ids`). Other keywords are `EngineConfig` fields
+    (scheduler, sps, token_bucket, record_proposals, ...).
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists")
@@ -122,8 +123,8 @@ def generate(target, prompts: Sequence[Sequence[int]], *, method: str = "ar", dr
               for t, k, p, s, m in zip(_per_prompt(temperature, n, "temperature"), _per_prompt(top_k, n, "top_k"),
                                        _per_prompt(top_p, n, "top_p"), seeds,
                                        _per_prompt(max_new_tokens, n, "max_new_tokens"))]
-    config = (config or EngineConfig()).replace(max_batch=max_batch, max_seq_len=max_seq_len,
-                                                num_draft_tokens=num_draft_tokens)
+    config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, num_draft_tokens=num_draft_tokens,
+                          **config_fields)
     return collect(Engine(target, method, draft=draft, config=config), prompts, params)
 
 

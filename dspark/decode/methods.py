@@ -2,13 +2,16 @@
 the target's MTP module, and how many tokens it drafts per round by default.
 
 Every caller (Engine, LLM, the CLI, eval, benchmarks) looks methods up here; nothing else lists
-their names. The block methods (dspark, dflash, dflash-l1, dspark-v4) share one drafter and differ
+their names. A `Method` object may stand in for a name wherever a method is taken (the engine builds its drafter
+all the same): that is how tests plug in oracle and deliberately wrong drafters.
+The block methods (dspark, dflash, dflash-l1, dspark-v4) share one drafter and differ
 in the draft they are given (a bundle keeps each under `drafts/<method>`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from dspark.decode.block import BlockDrafter
 from dspark.decode.drafter import Drafter
@@ -19,7 +22,7 @@ from dspark.decode.ngram import NgramDrafter
 @dataclass(frozen=True)
 class Method:
     name: str
-    drafter: type[Drafter]  # built by `drafter.build(target, cache, draft, num_draft_tokens, max_batch, max_seq_len)`
+    build: Callable[..., Drafter]  # (target, cache, draft, num_draft_tokens, max_batch, max_seq_len) → the drafter
     needs_draft: bool  # a trained draft model (DSpark / DFlash, either layout)
     needs_mtp: bool  # the target's MTP module, and the MTP window ring in the target cache
     default_draft_tokens: int | None  # γ when none is asked for; None: the draft's block size
@@ -44,18 +47,22 @@ class Method:
 
 _BLOCK = "a trained block draft shipped with the model (drafts/{}) proposes"
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("ar", Drafter, False, False, 0, "plain autoregressive decoding"),
-    Method("mtp", MTPDrafter, False, True, 1, "the target's own MTP module, chained k times (k = 1: MTP-1)"),
-    Method("ngram", NgramDrafter, False, False, 4, "prompt lookup: what followed the context's last n-gram"),
-    Method("dspark", BlockDrafter, True, False, None, "DSpark: " + _BLOCK.format("dspark") + " a block, "
+    Method("ar", Drafter.build, False, False, 0, "plain autoregressive decoding"),
+    Method("mtp", MTPDrafter.build, False, True, 1, "the target's own MTP module, chained k times (k = 1: MTP-1)"),
+    Method("ngram", NgramDrafter.build, False, False, 4, "prompt lookup: what followed the context's last n-gram"),
+    Method("dspark", BlockDrafter.build, True, False, None, "DSpark: " + _BLOCK.format("dspark") + " a block, "
            "Markov head and confidences"),
-    Method("dflash", BlockDrafter, True, False, None, "DFlash: " + _BLOCK.format("dflash") + " a parallel block"),
-    Method("dflash-l1", BlockDrafter, True, False, None, "DFlash trained with the L1 term"),
-    Method("dspark-v4", BlockDrafter, True, False, None, "DSpark in the V4 release layout (mtp.* stages)"),
+    Method("dflash", BlockDrafter.build, True, False, None, "DFlash: " + _BLOCK.format("dflash") + " a parallel block"),
+    Method("dflash-l1", BlockDrafter.build, True, False, None, "DFlash trained with the L1 term"),
+    Method("dspark-v4", BlockDrafter.build, True, False, None, "DSpark in the V4 release layout (mtp.* stages)"),
 )}
 
 
-def get(name: str) -> Method:
+def get(name: str | Method) -> Method:
+    """The registered method `name`; a `Method` itself is returned as it is (tests and experiments
+    plug their own drafters in this way, built by the engine like every other)."""
+    if isinstance(name, Method):
+        return name
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]

@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 
-from dspark.config import DSparkFields, ModelConfig
-from dspark.decode import generate
-from dspark.decode.block import DSparkDrafter
+from dspark.config import DSparkFields, EngineConfig, ModelConfig, SamplingParams
+from dspark.decode import Engine, collect, generate
 from dspark.draft.v4 import V4DSparkDraft
 from dspark.checkpoint import config_to_dict, load_target as load_model, load_v4_draft as load_dspark_draft
 from dspark.checkpoint.v4 import dspark_stage_sources, to_upstream
 from dspark.model.target import DeepseekV4
-from tests.checkpoint.test_v4 import FLASH_LEGACY, assert_states_equal, quantise_release, write
+from tests.helpers.checkpoints import FLASH_LEGACY, assert_states_equal, quantise_release, write
 
 DS = DSparkFields(block_size=5, noise_token_id=3, target_layer_ids=(0, 1, 2), markov_rank=8)
 CFG = ModelConfig.tiny(hidden_size=136, q_lora_rank=128, num_layers=3, layer_types=("sliding", "csa", "hca"),
@@ -54,9 +53,9 @@ def test_release_loads_dequantised_and_drafts(release):
 
     prompts = [[5, 6, 7, 8], list(range(40, 61))]
     ar = generate(target, prompts, max_new_tokens=12, max_seq_len=64)
-    drafter = DSparkDrafter(draft, max_batch=2, max_seq_len=64)
-    assert drafter.num_draft_tokens == DS.block_size and drafter.capacity == CFG.sliding_window
-    spec = generate(target, prompts, drafter=drafter, max_new_tokens=12, max_seq_len=64, max_batch=2)
+    engine = Engine(target, "dspark-v4", draft, EngineConfig(max_batch=2, max_seq_len=64))
+    assert engine.drafter.num_draft_tokens == DS.block_size and engine.drafter.capacity == CFG.sliding_window
+    spec = collect(engine, prompts, [SamplingParams(max_tokens=12)] * 2)
     assert [r.token_ids for r in spec] == [r.token_ids for r in ar]
     assert all(r.stats.rounds > 0 and r.stats.proposal_lens[0] == DS.block_size for r in spec)
 

@@ -7,8 +7,8 @@ import torch
 
 from dspark.decode import generate
 from dspark.decode.adapt import AcceptanceTracker
-from tests.decode.drafters import OracleDrafter
-from tests.decode.test_engine import greedy_ar, peaked_model, prompts
+from dspark.decode.methods import Method
+from tests.helpers.drafters import OracleDrafter, greedy_ar, peaked_model, prompts
 
 
 def test_tracker_follows_observed_acceptance():
@@ -52,8 +52,9 @@ def test_drifting_request_verifies_less_with_adaptation():
     truths = {p: list(p) + list(t) for p, t in zip(prompts(), greedy_ar())}
     late_lengths = {}
     for adapt in (False, True):
-        drafter = DriftingOracle(509, gamma, max_batch=8, truths=truths, rho=0.0, switch=50)
-        res = generate(peaked_model(), [list(p) for p in prompts()], drafter=drafter, max_new_tokens=40,
+        drifting = Method("drifting", lambda target, cache, draft, g, max_batch, max_seq_len: DriftingOracle(
+            509, g, max_batch=max_batch, truths=truths, rho=0.0, switch=50), False, False, gamma, "test")
+        res = generate(peaked_model(), [list(p) for p in prompts()], method=drifting, max_new_tokens=40,
                        max_seq_len=128, scheduler="threshold-survival", threshold=0.5, adapt=adapt, seed=3)
         assert [tuple(r.token_ids) for r in res] == list(greedy_ar())  # lossless either way
         lengths = []

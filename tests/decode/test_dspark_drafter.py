@@ -8,49 +8,13 @@ import functools
 import pytest
 import torch
 
-from dspark.config import DSparkFields, ModelConfig
 from dspark.decode import generate
-from dspark.decode.block import DSparkDrafter
-from dspark.config import DraftConfig
-from dspark.draft.deepspec import DraftModel
 from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
-from tests.decode.test_engine import accepted_against, rounds_of
+from tests.helpers.drafters import accepted_against, dspark_target as target, make_draft, qwen_draft, rounds_of
 
-NOISE = 500
 PROMPTS = ([7, 8, 9], list(range(20, 34)), list(range(100, 133)))
 NEW = 36
-
-
-@functools.lru_cache(maxsize=None)
-def target() -> DeepseekV4:
-    cfg = ModelConfig.tiny(dspark=DSparkFields(block_size=5, noise_token_id=NOISE, target_layer_ids=(1, 2, 3),
-                                               markov_rank=6))
-    model = DeepseekV4.random(cfg, seed=0).eval()
-    with torch.no_grad():
-        model.lm_head.weight[2:5] *= 12  # a repetitive target, so drafts get accepted sometimes
-    return model
-
-
-def qwen_draft(kind: str) -> DraftModel:
-    t = target()
-    rank = 0 if kind == "dflash" else 6
-    cfg = DraftConfig.tiny(vocab_size=t.config.vocab_size, mask_token_id=NOISE, target_layer_ids=(1, 2),
-                           num_target_layers=t.config.num_layers, target_hidden_size=t.config.hidden_size,
-                           markov_rank=rank, markov_head_type="vanilla" if rank == 0 else kind,
-                           has_confidence_head=rank > 0, confidence_with_markov=rank > 0, block_size=4)
-    draft = DraftModel.random(cfg, seed=1).eval()
-    with torch.no_grad():  # favour the tokens the peaked target repeats, so some drafts are accepted
-        draft.lm_head.weight[2:5] *= 20
-    return draft
-
-
-def v4_draft() -> V4DSparkDraft:
-    return V4DSparkDraft.random(target().config, 3, seed=2).eval().attach(target())
-
-
-def make_draft(kind):
-    return v4_draft() if kind == "v4" else qwen_draft(kind)
 
 
 def reference_proposal(draft, context: list[int]) -> list[int]:
@@ -84,8 +48,8 @@ def greedy_ar():
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn", "dflash", "v4"])
 def test_greedy_lossless_and_drafts_match_a_cache_free_rerun(kind):
     draft = make_draft(kind)
-    drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=128)
-    results = generate(target(), [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+    results = generate(target(), [list(p) for p in PROMPTS], method="dspark", draft=draft, max_new_tokens=NEW,
+                       max_seq_len=128,
                        max_batch=4, token_bucket=4, record_proposals=True)
     accepted = 0
     for prompt, res, want in zip(PROMPTS, results, greedy_ar()):
@@ -97,12 +61,11 @@ def test_greedy_lossless_and_drafts_match_a_cache_free_rerun(kind):
             assert a == accepted_against(proposal, transcript, pos, ell)
             accepted += a
     assert accepted >= 5, f"{kind}: too few acceptances to exercise the drafter"
-    assert drafter.name == ("dflash" if kind == "dflash" else "dspark")
 
 
 def test_confidence_reaches_the_scheduler():
-    drafter = DSparkDrafter(make_draft("vanilla"), max_batch=4, max_seq_len=128)
-    results = generate(target(), [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+    results = generate(target(), [list(p) for p in PROMPTS], method="dspark", draft=make_draft("vanilla"),
+                       max_new_tokens=NEW, max_seq_len=128,
                        max_batch=4, scheduler="threshold-survival", threshold=0.5)
     assert [tuple(r.token_ids) for r in results] == list(greedy_ar())
     lens = [ell for r in results for ell in r.stats.proposal_lens]
@@ -120,14 +83,14 @@ def test_an_adaptive_scheduler_verifies_only_what_it_chose(monkeypatch):
         return forward(batch, *a, **k)
 
     monkeypatch.setattr(t, "forward_batch", recording)
-    drafter = DSparkDrafter(make_draft("vanilla"), max_batch=4, max_seq_len=128)
-    results = generate(t, [list(p) for p in PROMPTS], drafter=drafter, max_new_tokens=NEW, max_seq_len=128,
+    draft = make_draft("vanilla")
+    results = generate(t, [list(p) for p in PROMPTS], method="dspark", draft=draft, max_new_tokens=NEW, max_seq_len=128,
                        max_batch=4, token_bucket=4, scheduler="threshold-survival", threshold=0.5)
     assert [tuple(r.token_ids) for r in results] == list(want)
     # Every forward (prefill chunks and verifies) holds its real rows padded up to the bucket of 4 ...
     assert all(n == -(-real // 4) * 4 for n, real in sizes), [s for s in sizes if s[0] != -(-s[1] // 4) * 4]
     # ... and the scheduler did cut blocks short (else the check above proves nothing about it).
-    assert min(ell for r in results for ell in r.stats.proposal_lens) < drafter.num_draft_tokens
+    assert min(ell for r in results for ell in r.stats.proposal_lens) < draft.block_size
 
 
 @pytest.mark.parametrize("kind", ["gated", "rnn", "v4"])
@@ -141,7 +104,7 @@ def test_drafts_run_in_bf16(kind):
     else:
         draft = qwen_draft(kind).to(torch.bfloat16)
     prompts = [list(p) for p in PROMPTS[1:]]
-    got = generate(t, prompts, drafter=DSparkDrafter(draft, max_batch=2, max_seq_len=96), max_new_tokens=16,
+    got = generate(t, prompts, method="dspark", draft=draft, max_new_tokens=16,
                    max_seq_len=96, max_batch=2)
     want = generate(t, prompts, max_new_tokens=16, max_seq_len=96, max_batch=2)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]

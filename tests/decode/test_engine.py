@@ -3,58 +3,16 @@ to a from-scratch re-run of each drafter, batch independence, seeds, input valid
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from dspark import ops
-from dspark.config import ModelConfig, SamplingParams
+from dspark.config import EngineConfig, SamplingParams
 from dspark.decode import Engine, generate
 from dspark.model.mtp import mtp_forward
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import OracleDrafter
-
-PROMPT_LENGTHS = (3, 14, 33)  # below the window (16), across CSA (4) and HCA (16) boundaries
-NEW_TOKENS = 40
-
-
-@functools.lru_cache(maxsize=None)
-def peaked_model(seed: int = 0) -> DeepseekV4:
-    """A random tiny model whose LM head favours a few tokens, so the target repeats itself and the
-    (shared-head) MTP and n-gram drafters get real acceptances."""
-    model = DeepseekV4.random(ModelConfig.tiny(), seed=seed).eval()
-    with torch.no_grad():
-        model.lm_head.weight[2:5] *= 12
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def prompts(seed: int = 0) -> tuple[tuple[int, ...], ...]:
-    g = torch.Generator().manual_seed(seed)
-    return tuple(tuple(torch.randint(2, 500, (n,), generator=g).tolist()) for n in PROMPT_LENGTHS)
-
-
-@functools.lru_cache(maxsize=None)
-def greedy_ar() -> tuple[tuple[int, ...], ...]:
-    res = generate(peaked_model(), [list(p) for p in prompts()], max_new_tokens=NEW_TOKENS, max_seq_len=128)
-    return tuple(tuple(r.token_ids) for r in res)
-
-
-def rounds_of(prompt_len: int, stats) -> list[tuple[int, int, int]]:
-    """(anchor position L, verify length ℓ, accepted a) per decode round."""
-    out, pos = [], prompt_len
-    for ell, a, n in zip(stats.proposal_lens, stats.accepted, stats.emitted):
-        out.append((pos, ell, a))
-        pos += n
-    return out
-
-
-def accepted_against(proposal: list[int], transcript: list[int], pos: int, ell: int) -> int:
-    a = 0
-    while a < ell and proposal[a] == transcript[pos + 1 + a]:
-        a += 1
-    return a
+from tests.helpers.drafters import (NEW_TOKENS, accepted_against, greedy_ar, oracle_method, peaked_model,
+                                    prompts, rounds_of)
 
 
 def ngram_reference(context: list[int], gamma: int, max_n: int = 4, min_n: int = 1) -> list[int]:
@@ -84,9 +42,8 @@ def mtp_reference(model: DeepseekV4, context: list[int], k: int) -> list[int]:
     return drafts
 
 
-def run_method(method, gamma=None, drafter=None, seed=0, **kw):
-    return generate(peaked_model(), [list(p) for p in prompts()], method=method, drafter=drafter,
-                    num_draft_tokens=gamma, max_new_tokens=NEW_TOKENS, max_seq_len=128, seed=seed, **kw)
+def run_method(method, gamma=None, seed=0, **kw):
+    return generate(peaked_model(), [list(p) for p in prompts()], method=method, num_draft_tokens=gamma, max_new_tokens=NEW_TOKENS, max_seq_len=128, seed=seed, **kw)
 
 
 @pytest.mark.parametrize("method,gamma", [("mtp", 1), ("mtp", 3), ("ngram", 4), ("ngram", 2)])
@@ -113,8 +70,7 @@ def test_greedy_equals_ar_and_acceptance_is_exact(method, gamma):
 def test_oracle_drafter_greedy_lossless_with_coverage(rho):
     gamma = 6
     truths = {p: list(p) + list(t) for p, t in zip(prompts(), greedy_ar())}
-    drafter = OracleDrafter(509, gamma, max_batch=8, truths=truths, rho=rho)
-    results = run_method("oracle", drafter=drafter, seed=11)
+    results = run_method(oracle_method(truths, rho, gamma), seed=11)
     all_rounds = []
     for prompt, res, want in zip(prompts(), results, greedy_ar()):
         assert tuple(res.token_ids) == want
@@ -163,13 +119,13 @@ def test_a_sampled_request_does_not_depend_on_its_batch_mates_filters():
     requests as they join and leave."""
     model, prompt = peaked_model(), list(prompts()[1])
     plain = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
-    alone = Engine(model, "mtp", num_draft_tokens=2, max_batch=2, max_seq_len=128)
+    alone = Engine(model, "mtp", config=EngineConfig(num_draft_tokens=2, max_batch=2, max_seq_len=128))
     alone.add_request(prompt, plain)
     want = []
     while alone.has_unfinished():
         want += [t for o in alone.step() for t in o.new_token_ids]
         assert alone.slots.sampling()[1:] == (None, None)
-    mixed = Engine(model, "mtp", num_draft_tokens=2, max_batch=2, max_seq_len=128)
+    mixed = Engine(model, "mtp", config=EngineConfig(num_draft_tokens=2, max_batch=2, max_seq_len=128))
     rid = mixed.add_request(prompt, plain)
     mixed.add_request(list(prompts()[0]), SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1, max_tokens=4))
     got, filtered = [], []
@@ -193,24 +149,24 @@ def test_stop_tokens_end_one_request_without_disturbing_others():
 
 
 def test_bad_requests_are_refused():
-    engine = Engine(peaked_model(), "ngram", max_seq_len=64)
-    cases = [([], SamplingParams(), "empty prompt"),
-             ([1] * 60, SamplingParams(max_tokens=8), "raise max_seq_len"),
-             ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
-             ([1, 2], SamplingParams(temperature=-0.1), "temperature"),
-             ([1, 2], SamplingParams(top_p=0.0), "top_p"),
-             ([1, 2], SamplingParams(top_p=1.5), "top_p"),
-             ([1, 509], SamplingParams(), "outside the vocabulary"),
-             ([-1, 2], SamplingParams(), "outside the vocabulary"),
-             ([1, 2], SamplingParams(stop_token_ids=(600,)), "stop token")]
-    for prompt, params, message in cases:
+    engine = Engine(peaked_model(), "ngram", config=EngineConfig(max_seq_len=64))
+    cases = [([], {}, "empty prompt"),
+             ([1] * 60, dict(max_tokens=8), "raise max_seq_len"),
+             ([1, 2], dict(max_tokens=0), "max_tokens"),
+             ([1, 2], dict(temperature=-0.1), "temperature"),
+             ([1, 2], dict(top_p=0.0), "top_p"),
+             ([1, 2], dict(top_p=1.5), "top_p"),
+             ([1, 509], {}, "outside the vocabulary"),
+             ([-1, 2], {}, "outside the vocabulary"),
+             ([1, 2], dict(stop_token_ids=(600,)), "stop token")]
+    for prompt, params, message in cases:  # sampling values are refused when built, the rest at add_request
         with pytest.raises(ValueError, match=message):
-            engine.add_request(prompt, params)
+            engine.add_request(prompt, SamplingParams(**params))
     assert not engine.has_unfinished()
 
 
 def test_abort_and_streaming():
-    engine = Engine(peaked_model(), "mtp", num_draft_tokens=2, max_seq_len=128)
+    engine = Engine(peaked_model(), "mtp", config=EngineConfig(num_draft_tokens=2, max_seq_len=128))
     keep = engine.add_request(list(prompts()[0]), SamplingParams(max_tokens=20))
     drop = engine.add_request(list(prompts()[1]), SamplingParams(max_tokens=20))
     streamed = {keep: [], drop: []}
@@ -234,7 +190,7 @@ def test_waiting_requests_are_admitted_when_pages_free_up():
     res = generate(model, [list(p) for p in prompts()], method="ngram", max_new_tokens=NEW_TOKENS, max_seq_len=128,
                    max_batch=3, page_size=64, memory_budget=None)
     assert [tuple(r.token_ids) for r in res] == list(greedy_ar())
-    engine = Engine(model, "ar", max_batch=1, max_seq_len=128)
+    engine = Engine(model, "ar", config=EngineConfig(max_batch=1, max_seq_len=128))
     a = engine.add_request(list(prompts()[0]), SamplingParams(max_tokens=4))
     b = engine.add_request(list(prompts()[1]), SamplingParams(max_tokens=4))
     seen = []
@@ -247,7 +203,6 @@ def test_sampling_parameters_no_slot_uses_are_none():
     """The host knows which parameters are in use: temperature None while every slot is greedy (the CPU
     reference then skips the integer weights), a filter None while no slot uses it; a released slot stops
     counting."""
-    from dspark.config import SamplingParams
     from dspark.decode.buffers import SlotState
 
     slots = SlotState.allocate(3, 1, "cpu")

@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from dspark.config import ModelConfig, SamplingParams
+from dspark.config import EngineConfig, ModelConfig, SamplingParams
 from dspark.decode import Engine
-from dspark.decode.block import DSparkDrafter
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import TOY_SPS, tiny_dspark_draft
+from tests.helpers.drafters import TOY_SPS, tiny_dspark_draft
 
 
 def state_tensors(obj, path="", seen=None) -> dict[str, torch.Tensor]:
@@ -40,7 +39,7 @@ def state_tensors(obj, path="", seen=None) -> dict[str, torch.Tensor]:
 
 def engine_state(engine) -> dict[str, int]:
     found = {}
-    for name in ("slots", "cache", "drafter", "tracker"):
+    for name in ("slots", "cache", "drafter", "scheduler", "tracker"):
         found.update({k: t.data_ptr() for k, t in state_tensors(getattr(engine, name), name).items()})
     return found
 
@@ -49,14 +48,13 @@ def engine_state(engine) -> dict[str, int]:
 def test_rounds_update_state_in_place(method):
     config = ModelConfig.tiny()
     model = DeepseekV4.random(config, seed=1).eval()
-    drafter, extra = None, {}
+    draft, extra = None, {}
     if method == "dspark":  # with the hardware scheduler and online adaptation, so the tracker runs too
         draft = tiny_dspark_draft(config.vocab_size)
-        drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=96)
         extra = dict(scheduler="hardware", sps=TOY_SPS, adapt=True)
-    engine = Engine(model, "ar" if drafter else method, drafter=drafter,
-                    num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=4, max_seq_len=96,
-                    token_bucket=4, **extra)
+    engine = Engine(model, method, draft, EngineConfig(
+        num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=4, max_seq_len=96, token_bucket=4,
+        **extra))
     for i, prompt in enumerate(([5, 6, 7], list(range(10, 40)))):
         engine.add_request(prompt, SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=12))
     engine.prefill_all()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.config import ModelConfig, SamplingParams
+from dspark.config import EngineConfig, ModelConfig, SamplingParams
 from dspark.decode import Engine
-from dspark.decode.block import DSparkDrafter
 from dspark.decode.graphs import CapturedRounds
+from dspark.decode.step import RoundPlan
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import TOY_SPS, tiny_dspark_draft
+from tests.helpers.drafters import TOY_SPS, tiny_dspark_draft
 
 SETUPS = {  # name → (method, scheduler, adapt)
     "ar": ("ar", "fixed", False), "mtp": ("mtp", "fixed", False), "ngram": ("ngram", "fixed", False),
@@ -27,14 +27,10 @@ def build(name: str, device="cpu", dtype=torch.float32, graphs: str | None = Non
     method, scheduler, adapt = SETUPS[name]
     config = ModelConfig.tiny()
     model = DeepseekV4.random(config, seed=1, dtype=dtype, device=device).eval()
-    drafter = None
-    if method == "dspark":
-        draft = tiny_dspark_draft(config.vocab_size).to(device=device, dtype=dtype)
-        drafter = DSparkDrafter(draft, max_batch=3, max_seq_len=96)
-    engine = Engine(model, "ar" if drafter else method, drafter=drafter,
-                    num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=3, max_seq_len=96,
-                    scheduler=scheduler, sps=TOY_SPS if scheduler != "fixed" else None, adapt=adapt,
-                    cuda_graphs=graphs == "cuda")
+    draft = tiny_dspark_draft(config.vocab_size).to(device=device, dtype=dtype) if method == "dspark" else None
+    engine = Engine(model, method, draft, EngineConfig(
+        num_draft_tokens=2 if method in ("mtp", "ngram") else None, max_batch=3, max_seq_len=96, scheduler=scheduler,
+        sps=TOY_SPS if scheduler != "fixed" else None, adapt=adapt, cuda_graphs=graphs == "cuda"))
     if graphs == "emulate":
         engine.graphs = CapturedRounds(3, device, emulate=True)
     return engine
@@ -69,9 +65,8 @@ def test_replayed_rounds_equal_eager_rounds(name):
 def test_the_emulation_catches_inputs_that_bypass_the_static_buffers(monkeypatch):
     """If the host handed a round fresh tensors instead of copying into the static ones, replays would
     read the capture-time values: the tokens (or the run) must then differ from eager decoding."""
-    def plan_without_copy(self, committed, room, bucket, schedule, tracker):
-        from dspark.decode.step import RoundPlan
-        return RoundPlan(committed=committed.clone(), room=room.clone(), bucket=bucket, schedule=schedule,
+    def plan_without_copy(self, committed, room, bucket, scheduler, tracker):
+        return RoundPlan(committed=committed.clone(), room=room.clone(), bucket=bucket, scheduler=scheduler,
                          tracker=tracker)
 
     monkeypatch.setattr(CapturedRounds, "plan", plan_without_copy)

@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from dspark import ops
-from dspark.config import DSparkFields, ModelConfig
+from dspark.config import DraftConfig, DSparkFields, ModelConfig
 from dspark.decode import generate
-from dspark.decode.block import DSparkDrafter
-from dspark.config import DraftConfig
 from dspark.draft.deepspec import DraftModel
 from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import FixedDistributionDrafter, OracleDrafter
+from tests.helpers.drafters import oracle_method, wrong_method
 
 V, PROMPT_LEN, NEW = 6, 13, 4
 FILTERS = {"plain": dict(temperature=1.0), "top_k": dict(temperature=0.8, top_k=3),
@@ -105,15 +103,15 @@ def greedy_continuation() -> tuple[int, ...]:
     return tuple(generate(small_vocab_model(), [PROMPT], max_new_tokens=8, max_seq_len=64)[0].token_ids)
 
 
-def make_drafter(kind: str, max_batch: int):
+def method_and_draft(kind: str):
+    """(method, draft) for a test case: registry methods by name, test drafters as `Method` objects."""
     if kind.startswith(("dspark", "dflash")):
-        return DSparkDrafter(random_draft(kind), max_batch=max_batch, max_seq_len=64)
+        return "dspark", random_draft(kind)
     if kind == "wrong":
-        return FixedDistributionDrafter(V, 2, max_batch, torch.tensor([3.0, 0.0, 0.0, 1.0, -2.0, 0.0]))
+        return wrong_method(torch.tensor([3.0, 0.0, 0.0, 1.0, -2.0, 0.0]), 2), None
     if kind == "oracle":  # near-oracle: proposes the greedy continuation, 10 % noise
-        return OracleDrafter(V, 2, max_batch, {tuple(PROMPT): PROMPT + list(greedy_continuation())}, rho=0.1,
-                             max_len=64)
-    return None
+        return oracle_method({tuple(PROMPT): PROMPT + list(greedy_continuation())}, 0.1, 2, max_len=64), None
+    return kind, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,9 +136,8 @@ def sample_counts(method: str, gamma, filter_name: str, samples: int, batch: int
     done = 0
     while done < samples:
         n = min(batch, samples - done)
-        drafter = make_drafter(method, n)
-        res = generate(small_vocab_model(), [PROMPT] * n, method="ar" if drafter else method, drafter=drafter,
-                       num_draft_tokens=gamma, max_new_tokens=NEW, max_seq_len=64, max_batch=n,
+        kind, draft = method_and_draft(method)
+        res = generate(small_vocab_model(), [PROMPT] * n, method=kind, draft=draft, num_draft_tokens=gamma, max_new_tokens=NEW, max_seq_len=64, max_batch=n,
                        prefill_chunk=n * PROMPT_LEN, seed=[1_000_003 * (done + i) + 17 for i in range(n)],
                        **FILTERS[filter_name], **engine_kw)
         for r in res:
@@ -169,7 +166,8 @@ def test_joint_distribution_under_confidence_schedulers(scheduler):
                            adapt=scheduler != "async")
     assert g_test(counts, exact_joint("plain")) > 1e-3
     # coverage: the scheduler really chose different verify lengths across requests and rounds
-    res = generate(small_vocab_model(), [PROMPT] * 64, drafter=make_drafter("dspark-gated", 64), max_new_tokens=NEW,
+    res = generate(small_vocab_model(), [PROMPT] * 64, method="dspark", draft=random_draft("dspark-gated"),
+                   max_new_tokens=NEW,
                    max_seq_len=64, max_batch=64, seed=list(range(64)), temperature=1.0, scheduler=scheduler, sps=SPS,
                    threshold=0.3)
     lengths = {ell for r in res for ell in r.stats.proposal_lens}

@@ -13,9 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dspark.decode.engine as engine_module
 from dspark.config import ModelConfig
 from dspark.decode import generate
-from dspark.decode.block import DSparkDrafter
 from dspark.model.target import DeepseekV4
-from tests.decode.drafters import TOY_SPS, FixedDistributionDrafter, tiny_dspark_draft
+from tests.helpers.drafters import TOY_SPS, tiny_dspark_draft, wrong_method
 
 aten = torch.ops.aten
 SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -74,15 +73,14 @@ def test_steps_have_no_host_syncs(method, monkeypatch):
         monkeypatch.setattr(engine_module, step, guarded(getattr(engine_module, step)))
     config = ModelConfig.tiny()
     model = DeepseekV4.random(config, seed=1).eval()
-    drafter, extra = None, {}
+    kind, draft, extra = method, None, {}
     if method == "wrong":
-        drafter = FixedDistributionDrafter(config.vocab_size, 3, 4, torch.randn(config.vocab_size))
+        kind = wrong_method(torch.randn(config.vocab_size), 3)
     elif method == "dspark":  # a DSpark draft with the hardware scheduler and online adaptation
         draft = tiny_dspark_draft(config.vocab_size)
-        drafter = DSparkDrafter(draft, max_batch=4, max_seq_len=96)
         extra = dict(scheduler="hardware", sps=TOY_SPS, adapt=True)
-    res = generate(model, [[5, 6, 7], list(range(10, 40))], method=method if drafter is None else "ar",
-                   drafter=drafter, num_draft_tokens=None if method in ("ar", "wrong", "dspark") else 2,
+    res = generate(model, [[5, 6, 7], list(range(10, 40))], method=kind, draft=draft,
+                   num_draft_tokens=None if method in ("ar", "wrong", "dspark") else 2,
                    max_new_tokens=12, max_seq_len=96, temperature=1.0, top_k=50, top_p=0.9, seed=3, max_batch=4,
                    prefill_chunk=16, token_bucket=4, **extra)
     assert all(len(r.token_ids) == 12 for r in res)

@@ -15,7 +15,7 @@ from dspark.config import ModelConfig
 from dspark.model.mtp import mtp_forward
 from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
-from tests.model.hf_reference import hf_config
+from tests.helpers.hf import hf_config
 
 hf_v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
 

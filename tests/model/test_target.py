@@ -12,7 +12,7 @@ from dspark.config import ModelConfig
 from dspark.checkpoint import config_from_dict
 from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
-from tests.model.hf_reference import hf_logits, hf_model_like, transformers
+from tests.helpers.hf import hf_logits, hf_model_like, transformers
 
 # fp32 parity bound of the issue; the observed error is ~5e-6 on logits of magnitude ~4.
 PARITY_ATOL = 1e-4

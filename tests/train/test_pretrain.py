@@ -14,7 +14,7 @@ from dspark.model.target import DeepseekV4
 from dspark.train.data import SequenceData
 from dspark.train.pretrain import PretrainConfig, TargetTrainer, indexer_kl
 from dspark.train.trainer import weights_hash
-from tests.bigram import chain_table
+from tests.helpers.bigram import chain_table
 
 V = 48
 

@@ -13,9 +13,9 @@ from dspark.draft.v4 import V4DSparkDraft
 from dspark.train.data import OnTheFly, target_view
 from dspark.train.loss import LossConfig, sample_anchors
 from dspark.train.trainer import DraftTrainer, weights_hash
-from tests.bigram import bigram_target, chain_table
 from tests.compare import assert_close
-from tests.train.test_trainer import decode, sampled_sequences, tau
+from tests.helpers.bigram import bigram_target, chain_table
+from tests.helpers.training import decode, sampled_sequences, tau
 
 DS = DSparkFields(block_size=5, noise_token_id=23, target_layer_ids=(1, 2, 3), markov_rank=16)
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from dspark.config import TrainConfig
-from dspark.decode import generate
-from dspark.decode.block import DSparkDrafter
 from dspark.config import DraftConfig
 from dspark.draft.deepspec import DraftModel
-from dspark.train.data import FeatureShards, OnTheFly, SequenceData
+from dspark.train.data import FeatureShards, OnTheFly
 from dspark.train.loss import LossConfig
 from dspark.train.trainer import DraftTrainer, weights_hash
-from tests.bigram import bigram_target, chain_table
+from tests.helpers.bigram import bigram_target, chain_table
+from tests.helpers.training import decode, sampled_sequences, tau
 
 
 def make_draft(target, kind: str, seed: int = 0) -> DraftModel:
@@ -36,29 +35,10 @@ def make_draft(target, kind: str, seed: int = 0) -> DraftModel:
     return draft
 
 
-def sampled_sequences(target, n: int, length: int, seed: int) -> SequenceData:
-    v = target.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, v, (4,), generator=g).tolist() for _ in range(n)]
-    res = generate(target, prompts, max_new_tokens=length - 4, temperature=1.0, seed=seed, max_seq_len=length + 8,
-                   max_batch=n)
-    return SequenceData([torch.tensor(p + r.token_ids) for p, r in zip(prompts, res)], seq_len=64)
-
-
 def train(draft, target, data, kind: str, steps: int, out_dir, **kw) -> DraftTrainer:
     cfg = TrainConfig(steps=steps, batch_size=8, seq_len=64, num_anchors=8, lr=3e-3, checkpoint_every=1000, **kw)
     loss = LossConfig.dflash() if kind == "dflash" else LossConfig.dspark()
     return DraftTrainer(draft, OnTheFly(target, data, draft.config.target_layer_ids, 8, cfg.seed), cfg, loss, out_dir)
-
-
-def decode(target, draft, prompts, temperature: float, new_tokens: int = 40, **kw):
-    drafter = DSparkDrafter(draft.eval(), max_batch=len(prompts), max_seq_len=128)
-    return generate(target, prompts, drafter=drafter, max_new_tokens=new_tokens, max_seq_len=128,
-                    max_batch=len(prompts), temperature=temperature, seed=3, **kw)
-
-
-def tau(results) -> float:
-    return sum(sum(r.stats.emitted) for r in results) / sum(r.stats.rounds for r in results)
 
 
 @functools.lru_cache(maxsize=None)
