@@ -46,10 +46,7 @@ class Experts(nn.Module):
         self.kernels = config.kernels
 
     def forward(self, x, weights, indices):
-        # Training needs the grouped path (the gather reference holds a weight copy per token);
-        # inference keeps the sync-free one.
-        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
-            return ops.experts_sorted(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit)
+        # ops.experts picks the path (training: grouped; inference: kernels, dense or reference).
         return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit, kernels=self.kernels)
 
 

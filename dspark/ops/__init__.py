@@ -17,7 +17,8 @@ from dspark.ops.rejection import chain_rejection, chain_rejection_ref
 from dspark.ops.rng import uniforms
 from dspark.ops.sampling import probs, probs_ref, sample, sample_logits, sample_logits_ref, sample_ref
 from dspark.ops.moe import (experts, experts_dense, experts_ref, experts_sorted, hash_route, hash_route_ref,
-                            score_route, score_route_ref, swiglu_ref, topk_lowest_index)
+                            score_route, score_route_ref, swiglu_ref)
+from dspark.ops._select import topk_lowest_index
 
 __all__ = [
     "sink_attention", "sink_attention_ref", "sparse_sink_attention", "sparse_sink_attention_ref",

@@ -1,5 +1,6 @@
 """Tiny shared helpers for the Triton launchers: the "use Triton?" decision, input checks, the
-registration and launch shims, cdiv / next_pow2, dtype sets, and the kernels' `dot` and `order_key`.
+registration and launch shims, cdiv / next_pow2, dtype sets, and the kernels' `dot` (selection
+primitives such as the order key live in `_select.py`).
 
 Triton is optional (it ships for Linux only): without it `HAS_TRITON` is False, `triton.jit` is an
 identity decorator so the kernel modules still import, and every op runs its reference.
@@ -140,12 +141,3 @@ def dot(a, b, IEEE: tl.constexpr):
         c = tl.dot(a, b)
     return c
 
-
-@triton.jit
-def order_key(x):
-    """fp32 → int64 key whose order is the float order, −0.0 = +0.0, every NaN above +inf (key 2^31 − 1):
-    torch's descending sort order, compared exactly as integers."""
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    key = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return tl.where(x != x, 2147483647, key).to(tl.int64)

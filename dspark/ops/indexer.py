@@ -36,11 +36,12 @@ Kernel (`_indexer_kernel`, one program per query (b, t); SCORE and SELECT are co
   are bit-identical to dense scores of the gathered keys. Per query it drops the dense copy's write and
   re-read of W·di values (W = 4096, di = 128, bf16: 1 MiB each way) for W row numbers.
 - SELECT: on the row of scores (just written by this program, re-read after a barrier, or given):
-  the order keys' min / max over the visible prefix, then an NCAND-way search over the int32 order
-  keys for the k-th largest key κ (each pass counts visible keys ≥ NCAND candidates; ≤ 8 passes since
-  16^8 = 2^32), then one compaction pass writing every key > κ and the first k − #{key > κ} keys == κ
-  (lowest indices) at their prefix-sum positions. Only the visible prefix of the row is read. Passes
-  over the visible scores: 1 (min / max, folded into scoring when fused) + ≤ 8 + 1.
+  the order keys' min / max over the visible prefix, then `kth_key` (ops/_select.py), an NCAND-way
+  search over the order keys for the k-th largest key κ (each pass counts visible keys ≥ NCAND
+  candidates; ≤ 8 passes since 16^8 = 2^32), then one compaction pass writing every key > κ and the
+  first k − #{key > κ} keys == κ (lowest indices) at their prefix-sum positions. Only the visible prefix
+  of the row is read. Passes over the visible scores: 1 (min / max, folded into scoring when fused) + ≤ 8
+  + 1.
   TODO(#7): a radix histogram would cut the search to ≤ 4 passes; measure first.
 Batch invariance: tile sizes depend on (Hi, di) only, each program reads only its own query's q, w,
 visible and scores row and its batch row's keys (paged: its row of `rows` and the pool rows named
@@ -57,9 +58,9 @@ from typing import Optional
 
 import torch
 
-from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, order_key,
-                                register, tl, triton, use_triton)
-from dspark.ops.moe import topk_lowest_index
+from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
+                                triton, use_triton)
+from dspark.ops._select import NCAND, kth_key, order_key, topk_lowest_index
 
 
 def _gather_ref(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -118,35 +119,12 @@ def _to_dot(x, DOT: tl.constexpr):
 
 
 @triton.jit
-def _kth_key(row_ptr, v, n_sel, lo, hi, BLOCK_S: tl.constexpr, NCAND: tl.constexpr):
-    """Largest key κ with #{w < v : key_w ≥ κ} ≥ n_sel, given lo (satisfies it) < hi (does not), and the
-    count above it, #{w < v : key_w > κ}. Each pass counts the visible keys ≥ NCAND evenly spaced
-    candidates and keeps the sub-interval around the first candidate that fails."""
-    b = tl.arange(0, NCAND).to(tl.int64) + 1
-    above = tl.zeros([], dtype=tl.int64)  # #{key ≥ hi}: 0 for hi = max + 1
-    while hi - lo > 1:
-        step = (hi - lo + NCAND - 1) // NCAND
-        cand = tl.minimum(lo + b * step, hi)  # [NCAND], increasing, last = hi
-        acc = tl.zeros([NCAND], dtype=tl.int64)
-        for s0 in range(0, v, BLOCK_S):
-            offs = s0 + tl.arange(0, BLOCK_S)
-            ok = offs < v
-            key = order_key(tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32))
-            acc += tl.sum(((key[:, None] >= cand[None, :]) & ok[:, None]).to(tl.int64), axis=0)
-        fails = acc < n_sel  # counts fall as candidates rise: the failing ones form a suffix
-        new_hi = tl.min(tl.where(fails, cand, hi), axis=0)
-        above = tl.max(tl.where(fails, acc, above), axis=0)  # the count at new_hi
-        lo = tl.max(tl.where(fails, lo, cand), axis=0)
-        hi = new_hi
-    return lo, above
-
-
-@triton.jit
 def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb, stride_kw, rows_ptr, stride_rb,
                     stride_rw, w_ptr, stride_wb, stride_wt, stride_wh, scores_ptr, stride_sb, stride_st, vis_ptr,
                     stride_vb, stride_vt, topk_ptr, T, H, D, W, P, K, scale, BLOCK_H: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, NCAND: tl.constexpr,
-                    DOT: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, PAGED: tl.constexpr):
+                    DOT: tl.constexpr, SCORE: tl.constexpr, SELECT: tl.constexpr, PAGED: tl.constexpr,
+                    CHUNK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
@@ -168,21 +146,39 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
             if PAGED:  # the tile's pool rows; invalid ones and the padding past W read as zero keys
                 prow = tl.load(rows_ptr + b * stride_rb + ent * stride_rw, mask=ent_ok, other=-1).to(tl.int64)
                 k_ok = (prow >= 0) & (prow < P)
-                k_ptrs = keys_ptr + prow[:, None] * stride_kw + d[None, :]
+                k_rows = keys_ptr + prow * stride_kw  # [BLOCK_W] row pointers
             else:
                 k_ok = ent_ok
-                k_ptrs = keys_ptr + b * stride_kb + ent[:, None] * stride_kw + d[None, :]
-            k = _to_dot(tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0), DOT)  # [BLOCK_W, BLOCK_D]
+                k_rows = keys_ptr + b * stride_kb + ent * stride_kw
+            if CHUNK_D == BLOCK_D:  # [BLOCK_W, BLOCK_D], read once for every head block
+                k = _to_dot(tl.load(k_rows[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0), DOT)
             s = tl.zeros([BLOCK_W], dtype=tl.float32)
             for h0 in range(0, H, BLOCK_H):  # head blocks in order
                 h = h0 + tl.arange(0, BLOCK_H)
                 h_ok = h < H
-                qh = _to_dot(tl.load(q_row + h[:, None] * stride_qh + d[None, :], mask=h_ok[:, None] & d_ok[None, :],
-                                     other=0.0), DOT)  # [BLOCK_H, BLOCK_D]
-                if DOT == 0:
-                    dots = tl.dot(qh, tl.trans(k), input_precision="ieee")  # no TF32 rounding
+                if CHUNK_D == BLOCK_D:
+                    qh = _to_dot(tl.load(q_row + h[:, None] * stride_qh + d[None, :],
+                                         mask=h_ok[:, None] & d_ok[None, :], other=0.0), DOT)  # [BLOCK_H, BLOCK_D]
+                    if DOT == 0:
+                        dots = tl.dot(qh, tl.trans(k), input_precision="ieee")  # no TF32 rounding
+                    else:
+                        dots = tl.dot(qh, tl.trans(k))  # [BLOCK_H, BLOCK_W] fp32
                 else:
-                    dots = tl.dot(qh, tl.trans(k))  # [BLOCK_H, BLOCK_W] fp32
+                    # fp32 (IEEE, FMA) dots hold both operand tiles in registers: whole 64×128 tiles spilled
+                    # ~15 KB per thread on Triton 3.9 (tools/kernel_check.py), so di runs in CHUNK_D slices,
+                    # in order, accumulating into the same fp32 product.
+                    dots = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+                    for d0 in range(0, BLOCK_D, CHUNK_D):
+                        dc = d0 + tl.arange(0, CHUNK_D)
+                        dc_ok = dc < D
+                        kc = _to_dot(tl.load(k_rows[:, None] + dc[None, :], mask=k_ok[:, None] & dc_ok[None, :],
+                                             other=0.0), DOT)  # [BLOCK_W, CHUNK_D]
+                        qc = _to_dot(tl.load(q_row + h[:, None] * stride_qh + dc[None, :],
+                                             mask=h_ok[:, None] & dc_ok[None, :], other=0.0), DOT)
+                        if DOT == 0:
+                            dots = tl.dot(qc, tl.trans(kc), dots, input_precision="ieee")
+                        else:
+                            dots = tl.dot(qc, tl.trans(kc), dots)
                 wh = tl.load(w_row + h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
                 # ReLU that keeps NaN (as torch.relu); padded heads are dropped, not multiplied by 0, so a
                 # garbage key cannot turn them into NaN.
@@ -210,7 +206,7 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
         # skips the search and the compaction selects nothing.
         lo = tl.where(n_sel > 0, kmin, 0)
         hi = tl.where(n_sel > 0, kmax + 1, 1)
-        kappa, above = _kth_key(s_row, v, n_sel, lo, hi, BLOCK_S, NCAND)
+        kappa, above = kth_key(s_row, v, n_sel, lo, hi, BLOCK_S, NCAND)
         need = n_sel - above  # entries tied at κ to take, lowest indices first
         out_row = topk_ptr + row * K
         taken = tl.zeros([], dtype=tl.int64)
@@ -236,8 +232,12 @@ def _indexer_kernel(q_ptr, stride_qb, stride_qt, stride_qh, keys_ptr, stride_kb,
 
 _BLOCK_W = 64  # entries per score tile; untuned (no GPU measurement yet)
 _BLOCK_S = 256  # scores per selection tile: the [BLOCK_S, NCAND] int64 count tile is 32 registers per thread
-_NCAND = 16  # candidate keys per search pass
 _MAX_D = 1024
+# fp32 dots run di in slices of this many channels, at 8 warps: tools/kernel_check.py at flash shapes (Hi 64,
+# di 128, BLOCK_W 64): whole-tile fp32 dots at 4 warps spilled 15 KB (sm_90) / 13 KB (sm_80) per thread on
+# Triton 3.9; 32-channel slices still spilled 0.7–5.5 KB at 4 warps; 16 at 4 warps sat at 238–252 registers.
+_FP32_CHUNK_D = 16
+_FP32_WARPS = 8
 
 
 def _config(h: int, d: int) -> tuple[int, int, int]:
@@ -306,6 +306,8 @@ def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select, rows=No
         h, d = int(q.shape[2]), int(q.shape[3])
         block_h, block_d, warps = _config(h, d)
         dot = _dot_code(q, keys)
+        if dot == 0:
+            warps = max(warps, _FP32_WARPS)
     else:
         q = keys = w = scores
         h = d = 1
@@ -327,7 +329,8 @@ def _launch_indexer(q, keys, w, scores, visible, topk, *, score, select, rows=No
            w, w.stride(0) if score else 0, w.stride(1) if score else 0, w.stride(2) if score else 0,
            scores, scores.stride(0), scores.stride(1), visible, *vis_strides, topk,
            t, h, d, n, pool_rows, kk, float(d) ** -0.5, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_W=_BLOCK_W,
-           BLOCK_S=_BLOCK_S, NCAND=_NCAND, DOT=dot, SCORE=score, SELECT=select, PAGED=paged, num_warps=warps)
+           BLOCK_S=_BLOCK_S, NCAND=NCAND, DOT=dot, SCORE=score, SELECT=select, PAGED=paged,
+           CHUNK_D=min(block_d, _FP32_CHUNK_D) if dot == 0 else block_d, num_warps=warps)
 
 
 @register("indexer_scores")

@@ -20,7 +20,7 @@ the reduction over r runs in one order whatever R is (batch invariance).
 the tile above, which also stores per-row partials of its tile: the max of Ũ (−0.0 read as +0.0) and its
 lowest index. The second finishes one row per program: max and argmax from the partials in tile order
 (saving a pass; the lowest index wins ties), then greedy rows store the argmax and sampled rows run
-`ops.sampling._sample_row`, the sampling kernel's own row body (filter searches, integer weights,
+`ops.sampling.sample_row`, the sampling kernel's own row body (filter searches, integer weights,
 inverse CDF). Every reduction runs in a fixed order over fixed tiles, so a row's Ũ and token never depend
 on which rows share the batch. Tokens equal `sample_ref(probs_ref(Ũ, ...), u)` exactly (the integer
 recipe of ops/sampling.py), and Ũ is bit-identical to `markov_logits`' kernel (same tiles, same code).
@@ -40,8 +40,9 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, cdiv, check, check_tensor, dot, launch, next_pow2, register, tl, triton,
                                 use_triton)
-from dspark.ops.sampling import (_NCAND, _block_v, _canon_key, _check_filter_args, _sample_row, params_or_off,
-                                 fixed_bits, sample_logits_ref)
+from dspark.ops._select import NCAND, argmax_lowest, positive_zero
+from dspark.ops.sampling import (check_filter_args, fixed_bits, params_or_off, sample_logits_ref, sample_row,
+                                 vocab_block)
 
 
 def markov_logits_ref(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -95,10 +96,9 @@ def _markov_partials_kernel(u_ptr, stride_u, x_ptr, stride_x, w_ptr, stride_w, o
     tile = tl.program_id(0)
     corrected, r, v, r_ok, v_ok = _corrected_tile(u_ptr, stride_u, x_ptr, stride_x, w_ptr, stride_w, out_ptr, R, V,
                                                   RANK, BLOCK_R, BLOCK_V, BLOCK_K, IEEE)
-    cx, _ = _canon_key(corrected)  # −0.0 as +0.0, as _row_max reads it
+    cx = positive_zero(corrected)  # −0.0 as +0.0, as sampling's row max reads it
     cx = tl.where(v_ok[None, :], cx, -float("inf"))
-    tmax = tl.max(cx, axis=1)
-    targ = tl.min(tl.where((cx == tmax[:, None]) & v_ok[None, :], v[None, :], V), axis=1)
+    tmax, targ = argmax_lowest(cx, tl.where(v_ok, v, V)[None, :], V, 1)
     tl.store(tile_max_ptr + r * N_TILES + tile, tmax, mask=r_ok)
     tl.store(tile_arg_ptr + r * N_TILES + tile, targ, mask=r_ok)
 
@@ -119,8 +119,7 @@ def _markov_finish_kernel(out_ptr, V, temperature_ptr, stride_t, top_k_ptr, stri
         better = tm > best
         best = tl.where(better, tm, best)
         best_i = tl.where(better, ta, best_i)
-    m = tl.max(best, axis=0)
-    arg = tl.min(tl.where(best == m, best_i, V), axis=0)
+    m, arg = argmax_lowest(best, best_i, V, 0)
     t = tl.load(temperature_ptr + row * stride_t)
     if t <= 0.0:
         # Greedy: probs is one-hot at arg, which the inverse CDF returns for every u (the fallback included).
@@ -129,8 +128,8 @@ def _markov_finish_kernel(out_ptr, V, temperature_ptr, stride_t, top_k_ptr, stri
         k = tl.load(top_k_ptr + row * stride_k).to(tl.int64)
         top_p = tl.load(top_p_ptr + row * stride_p)
         u = tl.load(uni_ptr + row * stride_uni)
-        _sample_row(out_ptr + row * V, V, t, k, top_p, u, m, arg, out_ptr, tokens_ptr + row, F, BLOCK_S, NCAND,
-                    True, True, False, True)
+        sample_row(out_ptr + row * V, V, t, k, top_p, u, m, arg, out_ptr, tokens_ptr + row, F, BLOCK_S, NCAND,
+                   True, True, False, True)
 
 
 def _tiles(x: torch.Tensor, rank: int) -> tuple[int, int, int]:
@@ -174,7 +173,7 @@ def _markov_sample_triton(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tenso
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `_markov_logits_triton`, plus temperature [R] fp32, top_k [R] int32/int64, top_p [R] fp32 and u [R]
     fp32 (any strides) → (Ũ [R, V] fp32 contiguous, tokens [R] int64). Meaning: `markov_sample_ref`."""
-    _check_filter_args(logits, temperature, top_k, top_p)
+    check_filter_args(logits, temperature, top_k, top_p)
     rank = _check_markov_args(logits, x, w2)
     r, v = (int(s) for s in logits.shape)
     dev = logits.device
@@ -190,7 +189,7 @@ def _markov_sample_triton(logits: torch.Tensor, x: torch.Tensor, w2: torch.Tenso
            BLOCK_K=block_k, IEEE=x.dtype == torch.float32)
     launch(_markov_finish_kernel, (r,), out, v, temperature, temperature.stride(0), top_k, top_k.stride(0), top_p,
            top_p.stride(0), u, u.stride(0), tokens, tile_max, tile_arg, n_tiles, F=fixed_bits(v),
-           BLOCK_S=_block_v(v), NCAND=_NCAND)
+           BLOCK_S=vocab_block(v), NCAND=NCAND)
     return out, tokens
 
 

@@ -14,7 +14,9 @@ Scores: s = sqrt(softplus(x·gate_wᵀ)) ("sqrtsoftplus") or sigmoid; weights = 
 × scaling. Ties in the top-k selection are broken by the lowest expert index (architecture.md §9).
 SwiGLU with V4's clamp: gate ≤ limit (max only), up ∈ [−limit, limit]; y = (silu(g)·u)·downᵀ.
 
-Inference paths (`experts`): on CUDA the grouped Triton kernels — token slots sorted by expert on the
+Paths, all chosen in `experts` (from autograd state, device and static shapes only): training, when
+autograd records through the expert weights, `experts_sorted` (tokens grouped per expert; one host read
+of the group sizes). Inference: on CUDA the grouped Triton kernels — token slots sorted by expert on the
 device, a tile plan sized from worst-case bounds (no host reads, so it can sit in a CUDA graph), one
 gate/up GEMM with the SwiGLU fused and one down GEMM per tile of BLOCK_M slots of one expert, each
 slot's result written at its own position and combined over its K slots in slot order (no atomics).
@@ -49,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from dspark.ops._launch import (FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, cdiv, check, check_tensor, dot, launch,
-                                next_pow2, order_key, register, tl, triton, use_triton)
+                                next_pow2, register, tl, triton, use_triton)
+from dspark.ops._select import argmax_lowest, order_key, topk_lowest_index
 
 if HAS_TRITON:
     from triton.language.extra import libdevice
@@ -64,12 +67,6 @@ def router_scores_ref(x: torch.Tensor, gate_w: torch.Tensor, scoring_func: str) 
     if scoring_func == "sigmoid":
         return torch.sigmoid(logits)
     raise ValueError(f"unknown scoring_func {scoring_func!r}")
-
-
-def topk_lowest_index(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along the last dim; ties go to the lower index."""
-    # A stable descending sort keeps equal values in index order.
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def route_ref(scores: torch.Tensor, indices: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -173,8 +170,8 @@ def _route_select_kernel(scores_ptr, bias_ptr, stride_bias, ids_ptr, stride_ids,
             # −1 (or a bad entry ≥ E) reads nothing: weight 0.
             s_j = tl.load(scores_ptr + t * E + pick, mask=t_ok & (pick >= 0) & (pick < E), other=0.0)
         else:
-            best = tl.max(key, axis=1)
-            pick = tl.min(tl.where(key == best[:, None], e[None, :], BLOCK_E), axis=1).to(tl.int64)  # lowest index
+            _, pick = argmax_lowest(key, e[None, :], BLOCK_E, 1)  # the lowest index among equal keys
+            pick = pick.to(tl.int64)
             hit = e[None, :] == pick[:, None]  # one-hot
             key = tl.where(hit, -1099511627776, key)
             s_j = tl.sum(tl.where(hit, s, 0.0), axis=1)  # exact: the hit plus zeros
@@ -506,8 +503,12 @@ DENSE_MIN_TOKENS_PER_RATIO = 2
 
 def experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
             down: torch.Tensor, limit: float, *, kernels: str = "auto") -> torch.Tensor:
-    """Sync-free routed experts for inference: the grouped Triton kernels on CUDA; on CPU `experts_dense`
-    where it is faster (decided from static shapes), else the reference."""
+    """Routed experts, the one place their path is chosen. Training (autograd recording through gate_up):
+    `experts_sorted`, whatever `kernels` says. Inference, sync-free: the grouped Triton kernels on CUDA; on CPU
+    `experts_dense` where it is faster (decided from static shapes), else the reference."""
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        # The gather reference would hold a weight copy per (token, slot), and the kernels are forward-only.
+        return experts_sorted(x, weights, indices, gate_up, down, limit)
     if use_triton(kernels, x, weights, indices, gate_up, down):
         return _experts_triton(x, weights, indices, gate_up, down, float(limit))
     ratio = gate_up.shape[0] / indices.shape[1]

@@ -32,8 +32,8 @@ Kernels: `_rejection_stats_kernel` (one program per (request, row), target rows 
 j < ℓ) writes each row's filter statistics (max, log2(e)/t, threshold key, 1/Σ kept weights, argmax)
 to small [R, 2γ+1] side tensors; `_chain_rejection_kernel` (one program per request) gathers p_t and
 q at the drafts from the logits, applies the rule and the stop rule, and draws the residual / bonus
-token in three passes over row a (mass and max, total, inverse CDF). No [R, γ, V] probabilities are
-ever written.
+token in three passes over row a (mass and max, total, inverse CDF), each over the tiles of one body,
+`_residual_tile`. No [R, γ, V] probabilities are ever written.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register, tl,
                                 triton, use_triton)
-from dspark.ops.sampling import (_NCAND, _block_v, _pow2_scale_tl, _probs_tl, _row_stats, params_or_off,
-                                 fixed_bits, probs_ref, sample_ref)
+from dspark.ops._select import NCAND
+from dspark.ops.sampling import (fixed_bits, params_or_off, pow2_scale_tl, probs_ref, probs_tl, row_stats, sample_ref,
+                                 vocab_block)
 
 _RESIDUAL_BITS = 60
 # ⌊fp32(1e-8) · 2^60⌋: "the residual has mass > 1e-8", in exact fixed point.
@@ -100,6 +101,36 @@ def chain_rejection_ref(target_logits, start, verify_len, draft_logits, draft_to
 
 
 @triton.jit
+def _load_stats(m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, slot, mask):
+    """The row statistics stored at `slot` (0 where masked) → (m, c, thr, inv, arg), as `probs_tl` takes them."""
+    return (tl.load(m_ptr + slot, mask=mask, other=0.0), tl.load(c_ptr + slot, mask=mask, other=0.0),
+            tl.load(thr_ptr + slot, mask=mask, other=0), tl.load(inv_ptr + slot, mask=mask, other=0.0),
+            tl.load(arg_ptr + slot, mask=mask, other=0))
+
+
+@triton.jit
+def _probs_at(x, tok, m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, slot, mask, greedy, F: tl.constexpr):
+    """`probs_tl` of logits x at tokens tok, with the row statistics stored at `slot`."""
+    m, c, thr, inv, arg = _load_stats(m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, slot, mask)
+    return probs_tl(x, tok, m, c, thr, inv, arg, greedy, F)
+
+
+@triton.jit
+def _residual_tile(t_row, d_row, offs, V, v_q, use_q, m_t, c_t, thr_t, inv_t, arg_t, m_d, c_d, thr_d, inv_d, arg_d,
+                   greedy, F: tl.constexpr):
+    """Row a at tokens offs → (p, res): p_t (0 past V) and the residual max(p_t − q, 0) (0 unless use_q; the
+    draft row is read only below v_q = V if use_q else 0)."""
+    inside = offs < V
+    p = probs_tl(tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32), offs, m_t, c_t, thr_t, inv_t, arg_t,
+                 greedy, F)
+    q = probs_tl(tl.load(d_row + offs, mask=offs < v_q, other=0.0).to(tl.float32), offs, m_d, c_d, thr_d, inv_d,
+                 arg_d, greedy, F)
+    p = tl.where(inside, p, 0.0)
+    res = tl.where(use_q, tl.maximum(p - tl.where(inside, q, 0.0), 0.0), 0.0)
+    return p, res
+
+
+@triton.jit
 def _rejection_stats_kernel(logits_ptr, stride_a, stride_b, start_ptr, stride_start, verify_len_ptr, stride_len,
                             temperature_ptr, stride_t, top_k_ptr, stride_k, top_p_ptr, stride_p,
                             m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, T, V, GAMMA: tl.constexpr, F: tl.constexpr,
@@ -122,7 +153,7 @@ def _rejection_stats_kernel(logits_ptr, stride_a, stride_b, start_ptr, stride_st
         t = tl.load(temperature_ptr + r * stride_t)
         k = tl.load(top_k_ptr + r * stride_k).to(tl.int64)
         top_p = tl.load(top_p_ptr + r * stride_p)
-        m, c, thr, inv, arg = _row_stats(row_ptr, V, t, k, top_p, F, BLOCK_V, NCAND)
+        m, c, thr, inv, arg = row_stats(row_ptr, V, t, k, top_p, F, BLOCK_V, NCAND)
         tl.store(m_ptr + slot, m)
         tl.store(c_ptr + slot, c)
         tl.store(thr_ptr + slot, thr)
@@ -154,13 +185,8 @@ def _chain_rejection_kernel(target_ptr, stride_tv, draft_ptr, stride_dr, stride_
     row_t = tl.minimum(tl.maximum(start + j, 0), T - 1).to(tl.int64)
     lt = tl.load(target_ptr + row_t * stride_tv + x, mask=act, other=0.0).to(tl.float32)
     ld = tl.load(draft_ptr + r * stride_dr + j * stride_dj + x, mask=act, other=0.0).to(tl.float32)
-    st, sd = base + j, base + GAMMA + 1 + j
-    p_x = _probs_tl(lt, x, tl.load(m_ptr + st, mask=act, other=0.0), tl.load(c_ptr + st, mask=act, other=0.0),
-                    tl.load(thr_ptr + st, mask=act, other=0), tl.load(inv_ptr + st, mask=act, other=0.0),
-                    tl.load(arg_ptr + st, mask=act, other=0), greedy, F)
-    q_x = _probs_tl(ld, x, tl.load(m_ptr + sd, mask=act, other=0.0), tl.load(c_ptr + sd, mask=act, other=0.0),
-                    tl.load(thr_ptr + sd, mask=act, other=0), tl.load(inv_ptr + sd, mask=act, other=0.0),
-                    tl.load(arg_ptr + sd, mask=act, other=0), greedy, F)
+    p_x = _probs_at(lt, x, m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, base + j, act, greedy, F)
+    q_x = _probs_at(ld, x, m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, base + GAMMA + 1 + j, act, greedy, F)
     ratio = tl.math.div_rn(p_x, tl.maximum(q_x, 1e-8))
     u = tl.load(accept_u_ptr + r * stride_ur + j * stride_uj, mask=is_draft, other=1.0)
     ok = act & (u < tl.minimum(ratio, 1.0, propagate_nan=tl.PropagateNan.ALL))
@@ -178,13 +204,11 @@ def _chain_rejection_kernel(target_ptr, stride_tv, draft_ptr, stride_dr, stride_
     if not draft_stop:
         # Row a: the residual max(p_t − q, 0) when a draft was rejected (a < ℓ) and it has mass, else p_t.
         use_q = accepted < ell
-        a_t, a_d = base + accepted, base + GAMMA + 1 + accepted
-        m_t, c_t = tl.load(m_ptr + a_t), tl.load(c_ptr + a_t)
-        thr_t, inv_t, arg_t = tl.load(thr_ptr + a_t), tl.load(inv_ptr + a_t), tl.load(arg_ptr + a_t)
-        m_d, c_d = tl.load(m_ptr + a_d, mask=use_q, other=0.0), tl.load(c_ptr + a_d, mask=use_q, other=0.0)
-        thr_d = tl.load(thr_ptr + a_d, mask=use_q, other=0)
-        inv_d = tl.load(inv_ptr + a_d, mask=use_q, other=0.0)
-        arg_d = tl.load(arg_ptr + a_d, mask=use_q, other=0)
+        # accepted ≤ ℓ: target row a always has statistics, draft row a only when a < ℓ.
+        m_t, c_t, thr_t, inv_t, arg_t = _load_stats(m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr, base + accepted,
+                                                    accepted <= ell)
+        m_d, c_d, thr_d, inv_d, arg_d = _load_stats(m_ptr, c_ptr, thr_ptr, inv_ptr, arg_ptr,
+                                                    base + GAMMA + 1 + accepted, use_q)
         t_row = target_ptr + tl.minimum(tl.maximum(start + accepted, 0), T - 1).to(tl.int64) * stride_tv
         d_row = draft_ptr + r * stride_dr + accepted.to(tl.int64) * stride_dj
         lanes = tl.arange(0, BLOCK_V)
@@ -199,20 +223,15 @@ def _chain_rejection_kernel(target_ptr, stride_tv, draft_ptr, stride_dr, stride_
         plast_v = tl.full([BLOCK_V], -1, tl.int32)
         for s0 in range(0, V, BLOCK_V):
             offs = s0 + lanes
-            inside = offs < V
-            p = _probs_tl(tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32), offs, m_t, c_t, thr_t,
-                          inv_t, arg_t, greedy, F)
-            q = _probs_tl(tl.load(d_row + offs, mask=offs < v_q, other=0.0).to(tl.float32), offs, m_d, c_d,
-                          thr_d, inv_d, arg_d, greedy, F)
-            p = tl.where(inside, p, 0.0)
-            res = tl.where(use_q, tl.maximum(p - tl.where(inside, q, 0.0), 0.0), 0.0)
+            p, res = _residual_tile(t_row, d_row, offs, V, v_q, use_q, m_t, c_t, thr_t, inv_t, arg_t, m_d, c_d, thr_d,
+                                    inv_d, arg_d, greedy, F)
             mass_v += (res.to(tl.float64) * 1152921504606846976.0).to(tl.int64)  # · 2^60
             rmax_v = tl.maximum(rmax_v, res)
             pmax_v = tl.maximum(pmax_v, p)
             rlast_v = tl.maximum(rlast_v, tl.where(res > 0.0, offs, -1))
             plast_v = tl.maximum(plast_v, tl.where(p > 0.0, offs, -1))
         use_res = use_q & (tl.sum(mass_v, axis=0) > RESIDUAL_MIN)
-        scale = _pow2_scale_tl(tl.where(use_res, tl.max(rmax_v, axis=0), tl.max(pmax_v, axis=0)), F)
+        scale = pow2_scale_tl(tl.where(use_res, tl.max(rmax_v, axis=0), tl.max(pmax_v, axis=0)), F)
         last = tl.where(use_res, tl.max(rlast_v, axis=0), tl.max(plast_v, axis=0))
 
         # Passes 2 and 3: the integer total, then the first prefix sum above u·total (`sample_ref`).
@@ -220,11 +239,9 @@ def _chain_rejection_kernel(target_ptr, stride_tv, draft_ptr, stride_dr, stride_
         for s0 in range(0, V, BLOCK_V):
             offs = s0 + lanes
             inside = offs < V
-            p = _probs_tl(tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32), offs, m_t, c_t, thr_t,
-                          inv_t, arg_t, greedy, F)
-            q = _probs_tl(tl.load(d_row + offs, mask=offs < v_q, other=0.0).to(tl.float32), offs, m_d, c_d,
-                          thr_d, inv_d, arg_d, greedy, F)
-            dist = tl.where(use_res, tl.maximum(p - q, 0.0), p)
+            p, res = _residual_tile(t_row, d_row, offs, V, v_q, use_q, m_t, c_t, thr_t, inv_t, arg_t, m_d, c_d, thr_d,
+                                    inv_d, arg_d, greedy, F)
+            dist = tl.where(use_res, res, p)  # use_res implies use_q
             total_v += tl.where(inside, (dist.to(tl.float64) * scale).to(tl.int64), 0)
         theta = tl.load(sample_u_ptr + r * stride_su).to(tl.float64) * tl.sum(total_v, axis=0).to(tl.float64)
         carry = tl.zeros([], dtype=tl.int64)
@@ -232,11 +249,9 @@ def _chain_rejection_kernel(target_ptr, stride_tv, draft_ptr, stride_dr, stride_
         for s0 in range(0, V, BLOCK_V):
             offs = s0 + lanes
             inside = offs < V
-            p = _probs_tl(tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32), offs, m_t, c_t, thr_t,
-                          inv_t, arg_t, greedy, F)
-            q = _probs_tl(tl.load(d_row + offs, mask=offs < v_q, other=0.0).to(tl.float32), offs, m_d, c_d,
-                          thr_d, inv_d, arg_d, greedy, F)
-            dist = tl.where(use_res, tl.maximum(p - q, 0.0), p)
+            p, res = _residual_tile(t_row, d_row, offs, V, v_q, use_q, m_t, c_t, thr_t, inv_t, arg_t, m_d, c_d, thr_d,
+                                    inv_d, arg_d, greedy, F)
+            dist = tl.where(use_res, res, p)  # use_res implies use_q
             w = tl.where(inside, (dist.to(tl.float64) * scale).to(tl.int64), 0)
             cdf = carry + tl.cumsum(w, axis=0)
             found = tl.minimum(found, tl.min(tl.where(inside & (cdf.to(tl.float64) > theta), offs, V), axis=0))
@@ -298,13 +313,13 @@ def _chain_rejection_triton(target_logits: torch.Tensor, start: torch.Tensor, ve
     inv = torch.empty(slots, dtype=torch.float64, device=dev)
     arg = torch.empty(slots, dtype=torch.int32, device=dev)
 
-    f, block_v = fixed_bits(v), _block_v(v)
+    f, block_v = fixed_bits(v), vocab_block(v)
     common = (start, start.stride(0), verify_len, verify_len.stride(0), temperature, temperature.stride(0),
               top_k, top_k.stride(0), top_p, top_p.stride(0), m, c, thr, inv, arg, n_t, v)
     launch(_rejection_stats_kernel, (r, gamma + 1), target_logits, target_logits.stride(0), 0, *common,
-           GAMMA=gamma, F=f, BLOCK_V=block_v, NCAND=_NCAND, IS_DRAFT=False)
+           GAMMA=gamma, F=f, BLOCK_V=block_v, NCAND=NCAND, IS_DRAFT=False)
     launch(_rejection_stats_kernel, (r, gamma), draft_logits, draft_logits.stride(0), draft_logits.stride(1), *common,
-           GAMMA=gamma, F=f, BLOCK_V=block_v, NCAND=_NCAND, IS_DRAFT=True)
+           GAMMA=gamma, F=f, BLOCK_V=block_v, NCAND=NCAND, IS_DRAFT=True)
     launch(_chain_rejection_kernel, (r,),
            target_logits, target_logits.stride(0), draft_logits, draft_logits.stride(0), draft_logits.stride(1),
            start, start.stride(0), verify_len, verify_len.stride(0),

@@ -50,11 +50,14 @@ value (a row of −inf gives NaN probabilities, as softmax would); V < 2^23; pro
 
 Kernels: `_sampling_kernel` is one body for `probs` (FROM_LOGITS, WRITE_PROBS), `sample_logits`
 (FROM_LOGITS, SAMPLE) and `sample` (SAMPLE on a probability row); one program per row. Its per-row
-body is the @jit function `_sample_row`, which ops/markov.py's finish kernel also runs, one program per
-row (HAS_MAX: the row max and argmax come from the Markov tile kernel's partials).
-The top-k and top-p thresholds are found without sorting: an NCAND-way search over the int32 order
-keys of the logits, each pass counting tokens (top-k) or summing integer weights (top-p) above NCAND
-candidate keys; it ends on the exact key of the k-th / crossing token, ties included. Passes over V per row:
+body is the @jit function `sample_row`, which ops/markov.py's finish kernel also runs, one program per
+row (HAS_MAX: the row max and argmax come from the Markov tile kernel's partials). The row machinery
+without a leading underscore (`sample_row`, `row_stats`, `probs_tl`, `pow2_scale_tl`, `vocab_block`,
+`check_filter_args`) is shared on purpose with ops/rejection.py and ops/markov.py.
+The top-k and top-p thresholds are found without sorting: the NCAND-way search of ops/_select.py over
+the order keys of the logits, each pass counting tokens (top-k: `kth_key`) or summing integer weights
+(top-p: `_top_p_key`) above NCAND candidate keys; it ends on the exact key of the k-th / crossing token,
+ties included. Passes over V per row:
 1 (max) + ≤9 (top-k) + 1 + ≤9 (top-p) + 1 + the write / sample passes.
 TODO(#7): a radix histogram (8 bits per pass) would cut the search to ≤4 passes each; measure first.
 TODO(#7): measure whether the weights are compute-bound on the GPU. Estimate: `_exp2_fixed` is 10 int64
@@ -71,14 +74,14 @@ import torch
 
 from dspark.ops._launch import (FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, launch, next_pow2, register,
                                 tl, triton, use_triton)
+from dspark.ops._select import (NCAND, argmax_lowest, kth_key, order_key, positive_zero, search_candidates,
+                                search_narrow)
 
 _LOG2E = 1.4426950216293335  # fp32(log2 e), exactly representable
 _C_MAX = 2.0 ** 100  # caps log2(e)/t for tiny temperatures (avoids 0·inf)
 _Q = 30  # fraction bits of the fixed-point exponent
 # Taylor coefficients of 2^x on [0, 1) in Q30: round(ln2^k / k! · 2^30), k = 0..10 (k = 11 rounds to 0).
 _EXP2_COEFFS = (1073741824, 744261118, 257941248, 59597083, 10327387, 1431680, 165394, 16377, 1419, 109, 8)
-_KEY_NEG_INF = -2139095041  # order key of −inf
-_NCAND = 16  # candidate keys per search pass: ≤ 9 passes narrow 2^32 + 1 keys to one
 
 
 def fixed_bits(v: int) -> int:
@@ -190,15 +193,9 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton: shared @jit helpers (also used by ops/rejection.py), then the kernel.
-
-
-@triton.jit
-def _canon_key(x):
-    """fp32 → (value with −0.0 made +0.0, int32 order key): key order equals float order (no NaN)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    return x, b ^ ((b >> 31) & 0x7FFFFFFF)
+# Triton: the row machinery (names without an underscore are shared with ops/rejection.py and
+# ops/markov.py), then the kernel. Logits are read through `positive_zero` and compared by `order_key`
+# (ops/_select.py); NaN logits are outside the preconditions.
 
 
 @triton.jit
@@ -229,15 +226,16 @@ def _weights_tl(x, m, c, F: tl.constexpr):
 
 
 @triton.jit
-def _probs_tl(x, tok, m, c, thr, inv, arg, greedy, F: tl.constexpr):
+def probs_tl(x, tok, m, c, thr, inv, arg, greedy, F: tl.constexpr):
     """Filtered probabilities of raw logits x at token ids tok, given the row's statistics."""
-    x, key = _canon_key(x)
+    x = positive_zero(x)
+    key = order_key(x)
     p = tl.where(key >= thr, (_weights_tl(x, m, c, F).to(tl.float64) * inv).to(tl.float32), 0.0)
     return tl.where(greedy, tl.where(tok == arg, 1.0, 0.0), p)
 
 
 @triton.jit
-def _pow2_scale_tl(pmax, F: tl.constexpr):
+def pow2_scale_tl(pmax, F: tl.constexpr):
     """`_pow2_scale`: 2^(F − e) in fp64 from the exponent bits of pmax ≥ 0."""
     exponent = (pmax.to(tl.int32, bitcast=True) >> 23) & 0xFF
     k = F + 126 - tl.maximum(exponent, 1)
@@ -245,33 +243,20 @@ def _pow2_scale_tl(pmax, F: tl.constexpr):
 
 
 @triton.jit
-def _key_search(row_ptr, V, m, c, k, ps, kth, lo, hi, F: tl.constexpr, BLOCK_V: tl.constexpr,
-                NCAND: tl.constexpr, MASS: tl.constexpr):
-    """Smallest key κ in (lo, hi] whose monotone predicate holds (lo fails, hi holds):
-    MASS=False: #{key ≥ κ} < k;  MASS=True: Σ W over kept tokens (key ≥ kth) with key > κ is < ps, or κ = hi.
-    Each pass evaluates NCAND evenly spaced candidates and keeps the sub-interval of the first that holds."""
-    b = tl.arange(0, NCAND).to(tl.int64) + 1
+def _top_p_key(row_ptr, V, m, c, ps, kth, lo, hi, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
+    """The crossing token's key: the smallest κ in (lo, hi] with Σ W over kept tokens (key ≥ kth) with key > κ
+    below ps, or κ = hi (lo fails, hi holds). The search of ops/_select.py, summing weights per candidate."""
     while hi - lo > 1:
-        step = (hi - lo + NCAND - 1) // NCAND
-        cand = tl.minimum(lo + b * step, hi)  # [NCAND], increasing, last = hi
+        cand = search_candidates(lo, hi, NCAND)
         acc = tl.zeros([NCAND], dtype=tl.int64)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             inside = offs < V
-            x, key = _canon_key(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-            key = key.to(tl.int64)
-            if MASS:
-                w = tl.where(inside & (key >= kth), _weights_tl(x, m, c, F), 0)
-                acc += tl.sum(tl.where(key[:, None] > cand[None, :], w[:, None], 0), axis=0)
-            else:
-                acc += tl.sum(((key[:, None] >= cand[None, :]) & inside[:, None]).to(tl.int64), axis=0)
-        if MASS:
-            ok = (acc.to(tl.float64) < ps) | (cand >= hi)
-        else:
-            ok = acc < k
-        new_hi = tl.min(tl.where(ok, cand, hi), axis=0)
-        lo = tl.max(tl.where(ok, lo, cand), axis=0)
-        hi = new_hi
+            x = positive_zero(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+            key = order_key(x)
+            w = tl.where(inside & (key >= kth), _weights_tl(x, m, c, F), 0)
+            acc += tl.sum(tl.where(key[:, None] > cand[None, :], w[:, None], 0), axis=0)
+        lo, hi = search_narrow(lo, hi, cand, (acc.to(tl.float64) < ps) | (cand >= hi))
     return hi
 
 
@@ -282,8 +267,8 @@ def _kept_mass(row_ptr, V, m, c, thr, F: tl.constexpr, BLOCK_V: tl.constexpr):
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inside = offs < V
-        x, key = _canon_key(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        acc += tl.where(inside & (key >= thr), _weights_tl(x, m, c, F), 0)
+        x = positive_zero(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+        acc += tl.where(inside & (order_key(x) >= thr), _weights_tl(x, m, c, F), 0)
     return tl.sum(acc, axis=0)
 
 
@@ -294,21 +279,18 @@ def _row_max(row_ptr, V, BLOCK_V: tl.constexpr):
     best_i = tl.zeros([BLOCK_V], dtype=tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        x, _ = _canon_key(tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32))
+        x = positive_zero(tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32))
         better = x > best  # strict: the earliest index of a lane's maximum stays
         best = tl.where(better, x, best)
         best_i = tl.where(better, offs, best_i)
-    m = tl.max(best, axis=0)
-    arg = tl.min(tl.where(best == m, best_i, V), axis=0)
-    return m, arg
+    return argmax_lowest(best, best_i, V, 0)
 
 
 @triton.jit
 def _row_filter(row_ptr, V, m, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
     """Given the row max m → (c, thr, inv): log2(e)/t, the threshold key (keep key ≥ thr) and 1 / Σ kept W
     in fp64. Greedy rows (t ≤ 0) skip the searches and the mass passes."""
-    _, m_key = _canon_key(m)
-    m_key = m_key.to(tl.int64)
+    m_key = order_key(m)
     greedy = t <= 0.0
     c = tl.minimum(tl.math.div_rn(tl.full([], 1.4426950216293335, tl.float32), tl.where(greedy, 1.0, t)),
                    1.2676506002282294e30)
@@ -316,18 +298,18 @@ def _row_filter(row_ptr, V, m, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constex
     inv = tl.full([], 1.0, tl.float64)
     if t > 0.0:
         if (k > 0) & (k < V):
-            thr = _key_search(row_ptr, V, m, c, k, 0.0, thr, thr - 1, m_key + 1, F, BLOCK_V, NCAND, False) - 1
+            thr, _ = kth_key(row_ptr, V, k, thr - 1, m_key + 1, BLOCK_V, NCAND)  # the k-th largest key
         s = _kept_mass(row_ptr, V, m, c, thr, F, BLOCK_V)
         if top_p < 1.0:
             ps = top_p.to(tl.float64) * s.to(tl.float64)
-            thr = _key_search(row_ptr, V, m, c, k, ps, thr, thr - 1, m_key, F, BLOCK_V, NCAND, True)
+            thr = _top_p_key(row_ptr, V, m, c, ps, thr, thr - 1, m_key, F, BLOCK_V, NCAND)
             s = _kept_mass(row_ptr, V, m, c, thr, F, BLOCK_V)
         inv = 1.0 / s.to(tl.float64)
     return c, thr, inv
 
 
 @triton.jit
-def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
+def row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, NCAND: tl.constexpr):
     """One row's filter → (m, c, thr, inv, arg): the max logit, log2(e)/t, the threshold key (keep key ≥ thr),
     1 / Σ kept W in fp64, and the lowest argmax (used by greedy rows, t ≤ 0, which skip the rest)."""
     m, arg = _row_max(row_ptr, V, BLOCK_V)
@@ -336,9 +318,9 @@ def _row_stats(row_ptr, V, t, k, top_p, F: tl.constexpr, BLOCK_V: tl.constexpr, 
 
 
 @triton.jit
-def _sample_row(row_ptr, V, t, k, top_p, u, m, arg, probs_row_ptr, token_ptr, F: tl.constexpr,
-                BLOCK_V: tl.constexpr, NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_MAX: tl.constexpr,
-                WRITE_PROBS: tl.constexpr, SAMPLE: tl.constexpr):
+def sample_row(row_ptr, V, t, k, top_p, u, m, arg, probs_row_ptr, token_ptr, F: tl.constexpr,
+               BLOCK_V: tl.constexpr, NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_MAX: tl.constexpr,
+               WRITE_PROBS: tl.constexpr, SAMPLE: tl.constexpr):
     """The per-row body shared by `_sampling_kernel` and ops/markov.py's finish kernel. FROM_LOGITS: row_ptr
     holds logits, filtered with (t, k, top_p), then WRITE_PROBS to probs_row_ptr and / or SAMPLE with the
     uniform u into token_ptr; HAS_MAX: m and arg (the row max, −0.0 as +0.0, and its lowest index) come from
@@ -360,15 +342,15 @@ def _sample_row(row_ptr, V, t, k, top_p, u, m, arg, probs_row_ptr, token_ptr, F:
         pmax = tl.max(pmax_v, axis=0)
 
     if SAMPLE:
-        scale = _pow2_scale_tl(pmax, F)
+        scale = pow2_scale_tl(pmax, F)
         total_v = tl.zeros([BLOCK_V], dtype=tl.int64)
         last_v = tl.full([BLOCK_V], -1, tl.int32)
     for start in range(0, V, BLOCK_V):  # write and / or measure pass
         offs = start + lanes
         inside = offs < V
         if FROM_LOGITS:
-            p = _probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv, arg,
-                          greedy, F)
+            p = probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv, arg,
+                         greedy, F)
         else:
             p = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         if WRITE_PROBS:
@@ -385,8 +367,8 @@ def _sample_row(row_ptr, V, t, k, top_p, u, m, arg, probs_row_ptr, token_ptr, F:
             offs = start + lanes
             inside = offs < V
             if FROM_LOGITS:
-                p = _probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv,
-                              arg, greedy, F)
+                p = probs_tl(tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32), offs, m, c, thr, inv,
+                             arg, greedy, F)
             else:
                 p = tl.load(row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             w = tl.where(inside, (p.to(tl.float64) * scale).to(tl.int64), 0)
@@ -403,7 +385,7 @@ def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, 
                      u_ptr, stride_u, probs_ptr, tokens_ptr, V, F: tl.constexpr, BLOCK_V: tl.constexpr,
                      NCAND: tl.constexpr, FROM_LOGITS: tl.constexpr, WRITE_PROBS: tl.constexpr,
                      SAMPLE: tl.constexpr):
-    """One row per program (`_sample_row`). FROM_LOGITS: src is logits, filter it (and WRITE_PROBS and / or
+    """One row per program (`sample_row`). FROM_LOGITS: src is logits, filter it (and WRITE_PROBS and / or
     SAMPLE); else src is a probability row to SAMPLE from."""
     row = tl.program_id(0).to(tl.int64)
     t = 1.0  # t, k, top_p, u: placeholders for the flags that never read them
@@ -416,7 +398,7 @@ def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, 
     u = 0.0
     if SAMPLE:
         u = tl.load(u_ptr + row * stride_u)
-    _sample_row(src_ptr + row * stride_src, V, t, k, top_p, u, 0.0, 0, probs_ptr + row * V, tokens_ptr + row, F,
+    sample_row(src_ptr + row * stride_src, V, t, k, top_p, u, 0.0, 0, probs_ptr + row * V, tokens_ptr + row, F,
                 BLOCK_V, NCAND, FROM_LOGITS, False, WRITE_PROBS, SAMPLE)
 
 
@@ -424,13 +406,13 @@ def _sampling_kernel(src_ptr, stride_src, temperature_ptr, stride_t, top_k_ptr, 
 # Launchers and registrations.
 
 
-def _block_v(v: int) -> int:
+def vocab_block(v: int) -> int:
     # 256 lanes × NCAND=16 int64 candidates per search tile keeps the [BLOCK_V, NCAND] tile at 32 int64
     # registers per thread with 4 warps; untuned (no GPU measurement yet).
     return min(256, next_pow2(v))
 
 
-def _check_filter_args(logits, temperature, top_k, top_p):
+def check_filter_args(logits, temperature, top_k, top_p):
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, unit_last=True)
     n, v = logits.shape
     check(1 <= v < 2 ** 23, f"vocabulary size {v} outside [1, 2^23)")
@@ -450,7 +432,7 @@ def _launch_sampling(src, temperature, top_k, top_p, u, probs_out, tokens_out, *
            top_p if top_p is not None else src, top_p.stride(0) if top_p is not None else 0,
            u if u is not None else src, u.stride(0) if u is not None else 0,
            probs_out if probs_out is not None else dummy, tokens_out if tokens_out is not None else dummy,
-           v, F=fixed_bits(v), BLOCK_V=_block_v(v), NCAND=_NCAND,
+           v, F=fixed_bits(v), BLOCK_V=vocab_block(v), NCAND=NCAND,
            FROM_LOGITS=from_logits, WRITE_PROBS=write_probs, SAMPLE=sample)
 
 
@@ -459,7 +441,7 @@ def _probs_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   top_p: torch.Tensor) -> torch.Tensor:
     """logits [N, V] (fp32/fp16/bf16, unit last stride), temperature [N] fp32, top_k [N] int, top_p [N] fp32
     → probs [N, V] fp32. Meaning: `probs_ref`."""
-    _check_filter_args(logits, temperature, top_k, top_p)
+    check_filter_args(logits, temperature, top_k, top_p)
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     _launch_sampling(logits, temperature, top_k, top_p, None, out, None, from_logits=True, write_probs=True,
                      sample=False)
@@ -470,7 +452,7 @@ def _probs_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 def _sample_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                           u: torch.Tensor) -> torch.Tensor:
     """As `_probs_triton` plus u [N] fp32 → tokens [N] int64. Meaning: `sample_logits_ref`."""
-    _check_filter_args(logits, temperature, top_k, top_p)
+    check_filter_args(logits, temperature, top_k, top_p)
     check_tensor("u", u, shape=(logits.shape[0],), dtypes=(torch.float32,), device=logits.device)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     _launch_sampling(logits, temperature, top_k, top_p, u, None, out, from_logits=True, write_probs=False,

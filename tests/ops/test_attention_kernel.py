@@ -22,7 +22,7 @@ from dspark.ops import _launch, attention
 from dspark.ops.attention import (sink_attention, sink_attention_ref, sparse_sink_attention,
                                   sparse_sink_attention_ref)
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 from dspark.ops import _launch, compressor
 from dspark.ops.compressor import compress_windows, compress_windows_ref
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

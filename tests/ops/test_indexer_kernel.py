@@ -28,7 +28,7 @@ from dspark.ops import _launch, indexer
 from dspark.ops.indexer import (indexer_scores, indexer_scores_ref, indexer_select, indexer_select_ref, indexer_topk,
                                 indexer_topk_ref)
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -18,7 +18,7 @@ from dspark.ops import _launch, markov as markov_ops
 from dspark.ops.markov import markov_logits, markov_logits_ref, markov_sample, markov_sample_ref
 from dspark.ops.sampling import probs, probs_ref, sample, sample_ref
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import ALMOST_ONE, filter_params, logit_rows, poisoned_outputs
+from tests.helpers.kernels import ALMOST_ONE, filter_params, logit_rows, poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -12,7 +12,7 @@ from dspark.ops import _launch, mhc
 from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_ref, hc_head, hc_head_ref, hc_weights,
                             hc_weights_collapse, hc_weights_ref)
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -1,10 +1,14 @@
-"""MoE references: the grouped (training) path equals the per-token gather path, gradients included."""
+"""MoE references: the grouped (training) path equals the per-token gather path, gradients included; `experts`
+chooses among the paths."""
 
 from __future__ import annotations
+
+from unittest import mock
 
 import torch
 from hypothesis import given, strategies as st
 
+from dspark.ops import moe
 from dspark.ops.moe import experts, experts_dense, experts_ref, experts_sorted
 from tests.compare import assert_close
 from tests.strategies import routings
@@ -60,3 +64,22 @@ def test_inference_path_choice_is_static_and_exact():
         w = torch.rand(n, 2, generator=g)
         assert_close(experts(x, w, idx, gu, dn, 10.0), experts_ref(x, w, idx, gu, dn, 10.0), atol=1e-4, rtol=1e-5,
                      what=f"experts, {n} tokens")
+
+
+def test_training_takes_the_grouped_path_whatever_the_kernels():
+    """`experts` alone picks the path: with autograd recording through the expert weights it runs
+    `experts_sorted` (kernels="triton" included, whose kernels are forward-only); under no_grad it does not."""
+    g = torch.Generator().manual_seed(1)
+    gu = torch.randn(8, 20, 12, generator=g, requires_grad=True)
+    dn = torch.randn(8, 12, 10, generator=g, requires_grad=True)
+    x = torch.randn(5, 12, generator=g)
+    idx, w = torch.rand(5, 8, generator=g).argsort(-1)[:, :2], torch.rand(5, 2, generator=g)
+    for kernels in ("auto", "ref", "triton"):
+        with mock.patch.object(moe, "experts_sorted", wraps=moe.experts_sorted) as grouped:
+            out = experts(x, w, idx, gu, dn, 10.0, kernels=kernels)
+            assert grouped.call_count == 1, kernels
+            assert out.requires_grad
+            with torch.no_grad():
+                experts(x, w, idx, gu, dn, 10.0, kernels="ref")
+            assert grouped.call_count == 1, "inference must not take the grouped (host-reading) path"
+        assert_close(out, experts_ref(x, w, idx, gu, dn, 10.0), atol=1e-4, rtol=1e-5, what=f"training, {kernels}")

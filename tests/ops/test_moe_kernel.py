@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 from dspark.ops import _launch
 from dspark.ops.moe import _BLOCK_M, expert_tiles, experts, experts_ref
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, routings, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from dspark.ops import _launch, rejection
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref, residual_has_mass
 from dspark.ops.sampling import probs_ref, sample_ref
-from tests.ops.test_sampling_kernel import ALMOST_ONE, assert_equal, filter_params, logit_rows, poisoned_outputs
+from tests.helpers.kernels import ALMOST_ONE, assert_equal, filter_params, logit_rows, poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

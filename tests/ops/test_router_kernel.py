@@ -32,7 +32,7 @@ from dspark.ops import _launch
 from dspark.ops.moe import (_ROUTE_BLOCK_E, _ROUTE_BLOCK_T, hash_route, hash_route_ref, route_ref, router_scores_ref,
                             score_route, score_route_ref)
 from tests.compare import assert_close
-from tests.ops.test_sampling_kernel import poisoned_outputs
+from tests.helpers.kernels import poisoned_outputs
 from tests.strategies import generator, seeds
 
 needs_triton = pytest.mark.skipif(not _launch.HAS_TRITON, reason="needs triton")

@@ -70,3 +70,25 @@ def test_uniforms_are_reproducible_and_uniform():
     assert 0 <= float(big.min()) and float(big.max()) < 1
     hist = torch.histc(big, 20, 0, 1) / big.numel()
     assert float((hist - 0.05).abs().max()) < 0.003
+
+
+def test_uniforms_use_every_seed_bit_and_keep_32_bit_streams():
+    """Seeds that differ only above bit 31 give different streams (they used to collide); a seed below
+    2^32 keeps the stream it had when only the low 32 bits were hashed."""
+    from dspark.ops.rng import _MASK32, _hash32
+
+    def low_bits_only(seed, offset, n):  # the earlier definition, for seeds < 2^32
+        counter = offset.long().unsqueeze(-1) + torch.arange(n)
+        x = _hash32(_hash32(seed.long() & _MASK32).unsqueeze(-1) ^ (counter & _MASK32))
+        x = _hash32(x ^ _hash32((counter >> 32) + 0x9E3779B9))
+        return (x >> 8).float() * (1.0 / (1 << 24))
+
+    low = torch.tensor([0, 1, 12345, 2**32 - 1])
+    offset = torch.tensor([0, 7, 2**33, 3])
+    assert torch.equal(uniforms(low, offset, 16), low_bits_only(low, offset, 16))
+    high = low + (torch.tensor([1, 2, 3, 2**30]) << 32)
+    same = (uniforms(high, offset, 16) == uniforms(low, offset, 16)).all(-1)
+    assert not same.any()
+    seeds = torch.randint(0, 2**62, (512,), generator=torch.Generator().manual_seed(0)) & ~_MASK32  # low bits 0
+    rows = uniforms(seeds, torch.zeros_like(seeds), 4)
+    assert len({tuple(r.tolist()) for r in rows}) == len(seeds)
