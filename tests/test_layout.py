@@ -59,7 +59,7 @@ COVERED_BY = {
     # train
     "dspark.train.data": ("tests/train/test_trainer.py",
                           "OnTheFly and FeatureShards feed training (cached features equal on-the-fly ones); "
-                          "SequenceData in tests/data/test_corpus.py"),
+                          "SequenceData in tests/train/test_trainer.py and tests/data/test_pack.py"),
     "dspark.train.recipe": ("tests/test_cli.py",
                             "new_draft / train_draft / calibrate_draft through `dspark train-draft` end to end; "
                             "the nano pipeline in tests/train/test_nano.py"),

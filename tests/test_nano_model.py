@@ -12,7 +12,10 @@ import re
 import pytest
 
 import dspark
-from dspark.llm import DRAFT_METHODS, LLM, PACKAGED, default_model
+from dspark.decode.methods import draft_methods
+from dspark.llm import LLM, PACKAGED, default_model
+
+DRAFT_METHODS = draft_methods()
 
 NANO = PACKAGED["nano"]
 PROMPTS = ["import os\nimport sys\n\n\ndef main(", "The following options are available:\n"]

@@ -30,7 +30,7 @@ from dspark.config import EngineConfig, SamplingParams
 from dspark.decode import Engine
 from dspark.decode.generate import run as run_requests
 from dspark.decode.sps import profile_sps
-from dspark.evaluate import heldout_files, load_run
+from dspark.eval import heldout_files, load_run
 from dspark.simulate import CostTable, Policy, TraceRound, plot, simulate, sweep
 
 POLICIES = {  # name → (engine method or draft, scheduler, max verify)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The acceptance table of a nano run (same as `dspark eval`); see dspark/evaluate.py."""
+"""The acceptance table of a nano run (same as `dspark eval`); see dspark/eval/."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The nano model's corpus and tokenizer: text found on any machine, split, tokenized, packed.
+"""The nano model's corpus: text found on any machine, split into train and held-out, on disk.
 
 Two domains, both read from the machine itself (nothing is downloaded):
 
@@ -22,10 +22,7 @@ On disk (`build_corpus`): JSONL shards `<domain>-<split>-<i>.jsonl` of {"domain"
 unfinished build) with every document's bytes and sha256, totals, sources, skip counts and a corpus
 hash. Nothing in it depends on time, so the same machine gives the same manifest.
 
-Tokenizer (`train_tokenizer`): byte-level BPE trained on the train split only. Special tokens
-take ids 0.. in the order given (default <|bos|> 0, <|eos|> 1, <|pad|> 2, <|mask|> 3), the 256
-byte symbols follow, then merges; every byte string is representable, so decode(encode(t)) == t
-for any text that does not spell a special token literally.
+Tokenizing and packing live beside this module (`dspark.data.tokenizer`, `dspark.data.pack`).
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -44,11 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import torch
-
 DOMAINS = ("code", "prose")
 SPLITS = ("train", "heldout")
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>")
 MANIFEST = "manifest.json"
 
 # Directory names never entered when collecting code: test suites are repetitive fixtures,
@@ -135,9 +128,10 @@ def split_of(relpath: str, heldout_fraction: float = 0.05) -> str:
     return "heldout" if _unit("", relpath) < heldout_fraction else "train"
 
 
-def _sample_key(relpath: str) -> float:
-    # A second, independent hash orders candidates for sampling (max_files, family caps, training
-    # byte caps); ordering by the split hash would put every held-out document first.
+def sample_key(relpath: str) -> float:
+    """A second, independent hash of the relpath in [0, 1): the order in which candidates are sampled."""
+    # Used for max_files, family caps and training byte caps; ordering by the split hash would put
+    # every held-out document first.
     return _unit("sample:", relpath)
 
 
@@ -240,7 +234,7 @@ def _man_candidates(src: CorpusSources, skipped: dict) -> list[_Candidate]:
             families.setdefault(re.split(r"[-_.]", Path(rel).name, maxsplit=1)[0], []).append(cand)
     out = []
     for members in families.values():
-        members.sort(key=lambda c: _sample_key(c.relpath))
+        members.sort(key=lambda c: sample_key(c.relpath))
         cap = len(members) if src.man_family_cap is None else src.man_family_cap
         out += members[:cap]
         if len(members) > cap:
@@ -320,7 +314,7 @@ def _select(cands: list[_Candidate], max_files: int | None, heldout_fraction: fl
     Train is loaded before held-out so a text found twice (one README shipped by two packages)
     stays in train and never leaks into held-out.
     """
-    cands = sorted(cands, key=lambda c: _sample_key(c.relpath))
+    cands = sorted(cands, key=lambda c: sample_key(c.relpath))
     by_split = {s: [c for c in cands if split_of(c.relpath, heldout_fraction) == s] for s in SPLITS}
     if max_files is None:
         quota = {s: len(by_split[s]) for s in SPLITS}
@@ -460,97 +454,6 @@ def read_corpus(corpus_dir: str | Path, split: str, domain: str | None = None) -
             for line in fh:
                 row = json.loads(line)
                 yield Document(row["domain"], sources[row["relpath"]], row["relpath"], row["text"])
-
-
-# --------------------------------------------------------------------------------- tokenizer
-def _training_texts(corpus_dir: Path, max_training_bytes: int | None) -> Iterator[str]:
-    """Train-split texts in sample order (a byte cap then keeps a mix of sources, not the first
-    ones alphabetically), stopping before the cap."""
-    docs = sorted(read_corpus(corpus_dir, "train"), key=lambda d: _sample_key(d.relpath))
-    budget = math.inf if max_training_bytes is None else max_training_bytes
-    for doc in docs:
-        size = len(doc.text.encode("utf-8"))
-        if size > budget:
-            return
-        budget -= size
-        yield doc.text
-
-
-def train_tokenizer(corpus_dir: str | Path, out_path: str | Path, vocab_size: int = 8192, *, min_frequency: int = 2,
-                    special_tokens: Iterable[str] = SPECIAL_TOKENS, max_training_bytes: int | None = None,
-                    progress: bool = True) -> Path:
-    """Train a byte-level BPE on the train split of `corpus_dir`; writes `tokenizer.json` and
-    `tokenizer_config.json` into directory `out_path` (what `dspark.text.load_tokenizer` reads).
-
-    Special tokens get ids 0.. in the given order; the first two are bos and eos. On a small
-    corpus the vocabulary can stop short of `vocab_size` (no pair left that occurs
-    `min_frequency` times): size models from the loaded tokenizer's `vocab_size`.
-    `max_training_bytes` caps the text fed to the trainer (whole documents, in sample order).
-    """
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    special_tokens = tuple(special_tokens)
-    if len(special_tokens) < 2 or len(set(special_tokens)) != len(special_tokens):
-        raise ValueError(f"special_tokens must name distinct bos and eos first, got {special_tokens!r}")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(special_tokens) + len(alphabet):
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for {len(special_tokens)} special tokens "
-                         f"and {len(alphabet)} byte symbols")
-    hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
-                                  special_tokens=list(special_tokens), initial_alphabet=alphabet)
-    # NOTE: no thread pinning needed: the trainer counts words in parallel but sums the counts and
-    # breaks ties between equally frequent pairs by pair, so its output does not depend on
-    # scheduling (byte-identical tokenizer.json with RAYON_RS_NUM_CPUS=1 and =8, tokenizers 0.23).
-    hf.train_from_iterator(_training_texts(Path(corpus_dir), max_training_bytes), trainer=trainer)
-
-    out = Path(out_path)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save(str(out / "tokenizer.json"))
-    bos, eos, *rest = special_tokens
-    # Documents are separated by eos alone (see pack_documents), so no bos is added; transformers'
-    # space clean-up would break the exact round trip.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-              "add_bos_token": False, "clean_up_tokenization_spaces": False}
-    names = dict(zip(("pad_token", "mask_token"), rest))
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, **names}, indent=1) + "\n", encoding="utf-8")
-    return out
-
-
-# ------------------------------------------------------------------------------ tokenization
-def tokenize_corpus(corpus_dir: str | Path, tokenizer_path: str | Path, split: str,
-                    domain: str | None = None) -> list[tuple[str, torch.Tensor]]:
-    """(relpath, int32 token ids with eos appended) of each document of a split, in relpath order."""
-    from dspark.text import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    if not tok.eos_token_ids:
-        raise ValueError(f"{tokenizer_path}: the tokenizer names no eos token (needed as document separator)")
-    docs = list(read_corpus(corpus_dir, split, domain))
-    docs.sort(key=lambda d: d.relpath)
-    prefix = [tok.bos_token_id] if tok.add_bos else []
-    encoded = tok.hf.encode_batch([d.text for d in docs], add_special_tokens=False)
-    return [(d.relpath, torch.tensor(prefix + e.ids + [tok.eos_token_ids[0]], dtype=torch.int32))
-            for d, e in zip(docs, encoded)]
-
-
-def pack_documents(documents: list[tuple[str, torch.Tensor]],
-                   seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Concatenate tokenized documents (one domain's, each ending in eos) in the given order and cut
-    the stream into chunks of exactly `seq_len` tokens; the shorter tail is dropped.
-
-    Returns (sequences, loss_masks) for `SequenceData(sequences, seq_len, loss_masks)`.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    stream = torch.cat([ids for _, ids in documents]) if documents else torch.zeros(0, dtype=torch.int32)
-    if len(stream) < seq_len:
-        raise ValueError(f"{len(documents)} documents hold {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    chunks = list(stream[:len(stream) // seq_len * seq_len].view(-1, seq_len).unbind(0))
-    return chunks, [torch.ones(seq_len) for _ in chunks]
 
 
 # ------------------------------------------------------------------------------------ progress

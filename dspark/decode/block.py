@@ -11,10 +11,12 @@ block K/V are never stored, so nothing needs rolling back.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dspark.decode.buffers import SlotState
-from dspark.decode.drafter import Drafter, Proposal
+from dspark.decode.drafter import Drafter, Proposal, TargetView
 
 
 class BlockDrafter(Drafter):
@@ -88,3 +90,30 @@ class BlockDrafter(Drafter):
             return Proposal(tokens=tokens, logits=logits)
         calibrated = torch.sigmoid(conf if self.sts is None else conf / self.sts)
         return Proposal(tokens=tokens, logits=logits, confidence=calibrated, confidence_logits=conf)
+
+    def teacher_forced(self, view: TargetView) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The block at anchor p sees the context rows of positions [p − window, p) of the file (the
+        draft's own window, not the engine's capacity: the file may be longer than max_seq_len) and the
+        Markov head is fed the true previous token y_{p+i} at slot i."""
+        draft, ids, gamma = self.draft, view.ids, self.num_draft_tokens
+        features = torch.cat([view.taps[layer] for layer in self.tap_layers], dim=-1)  # [L, F]
+        positions = torch.arange(len(ids), device=ids.device)
+        with torch.no_grad():
+            rows = draft.context_rows(draft.project_context(features), positions)  # per layer, [L, ...] each
+        window = draft.context_window or len(ids)
+
+        @torch.no_grad()
+        def propose(anchors: torch.Tensor) -> torch.Tensor:
+            span = int(anchors.max())  # context rows any anchor reads: positions < p
+            r = len(anchors)
+            context = [tuple(t[:span].unsqueeze(0).expand(r, span, *t.shape[1:]) for t in layer) for layer in rows]
+            p = anchors.unsqueeze(-1)
+            valid = (positions[:span] < p) & (positions[:span] >= p - window)  # [A, span], as the engine's ring
+            block_pos = p + torch.arange(gamma, device=ids.device)  # [A, γ]
+            block_ids = torch.full_like(block_pos, draft.block_input_token)
+            block_ids[:, 0] = ids[anchors]
+            h = draft.block_hidden(block_ids, block_pos, context, valid)
+            h = h[1] if isinstance(h, tuple) else h  # the V4 layout returns (h_pre, h)
+            return draft.corrected_logits_tf(draft.base_logits(h), ids[block_pos], h)  # prev_i = y_{p+i}
+
+        return propose

@@ -12,12 +12,14 @@ next position, Y_j being the MTP's own output streams, written to the MTP ring p
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from dspark import ops
 from dspark.decode.buffers import SlotState
-from dspark.decode.drafter import Drafter, Proposal
+from dspark.decode.drafter import Drafter, Proposal, TargetView
 from dspark.model.batch import Batch
 from dspark.model.cache import TargetCache
 from dspark.model.mtp import mtp_forward_batch
@@ -70,3 +72,61 @@ class MTPDrafter(Drafter):
             step = dataclasses.replace(step, input_ids=token, valid=slots.decoding)
             logits, streams = mtp_forward_batch(self.target, streams, step, self.cache, self.depth)
         return Proposal(tokens=torch.stack(tokens, 1), logits=torch.stack(all_logits, 1))
+
+    def teacher_forced(self, view: TargetView) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MTP chained k times on one file, fed the TRUE token at every step.
+
+        Draft 1 comes from the pair (H_{p−1}, y_p) of a dense MTP pass over the file's true pairs;
+        draft j+1 from (Y_j, y_{p+j}) at position p+j−1, attending over the window as `observe` and
+        `propose` leave the MTP ring: true rows at positions < p, this anchor's chain rows from p on.
+
+        NOTE: the chain attention is written out here rather than run through `mtp_forward_batch` and
+        the MTP ring: that path needs a TargetCache with one slot per anchor (pages for every target
+        layer, not just the MTP's) and the window's true rows replayed into each slot, for the same
+        numbers. It reuses the attention's own projections, rope and `ops.sink_attention`; only the key
+        gathering (true rows below p, chain rows from p) is this method's.
+        """
+        block, ids, k = self.target.mtp[self.depth], view.ids, self.num_draft_tokens
+        embed, head = self.target.model.embed_tokens, self.target.lm_head.weight.float()
+        window = block.self_attn.window
+        true_keys = []
+
+        def capture(attn, x):  # the dense pass, keeping the K=V row of every true pair
+            pos = torch.arange(x.shape[1], device=x.device).expand(1, -1)
+            true_keys.append(attn.project_kv(x, *attn.rotary(pos))[0])  # [L−1, hd]
+            return attn(x)
+
+        with torch.no_grad():
+            nxt = ids[1:].unsqueeze(0)
+            true_out = block.streams(view.streams[:-1].unsqueeze(0), embed(nxt), nxt, capture)[0]  # [L−1, N, D]
+        keys_true = true_keys[0]
+
+        @torch.no_grad()
+        def propose(anchors: torch.Tensor) -> torch.Tensor:
+            y = true_out[anchors - 1]  # [A, N, D]
+            logits, chain = [F.linear(block.hidden(y).float(), head)], []
+            for j in range(1, k):
+                pos = anchors + j - 1
+
+                def attend(attn, x, pos=pos, j=j):  # x [A, D]: one row per anchor at position p+j−1
+                    cos, sin = attn.rotary(pos)
+                    q, _ = attn.project_q(x, cos, sin)  # [A, H, hd]
+                    chain.append(attn.project_kv(x, cos, sin))  # [A, hd]
+                    win = pos.unsqueeze(-1) - (window - 1) + torch.arange(window, device=pos.device)  # [A, W]
+                    mine = torch.stack(chain, 1)  # [A, j, hd]: chain rows at positions p .. p+j−1
+                    off = (win - anchors.unsqueeze(-1)).clamp(0, j - 1)
+                    keys = torch.where((win >= anchors.unsqueeze(-1)).unsqueeze(-1),
+                                       mine.gather(1, off.unsqueeze(-1).expand(-1, -1, mine.shape[-1])),
+                                       keys_true[win.clamp(0, len(keys_true) - 1)])
+                    allowed = win >= 0
+                    keys = torch.where(allowed.unsqueeze(-1), keys, 0.0)
+                    o = ops.sink_attention(q.unsqueeze(1), keys, allowed.unsqueeze(1), attn.sinks, attn.scale,
+                                           kernels=attn.kernels)[:, 0]
+                    return attn.project_out(o, cos, sin)
+
+                tok = ids[anchors + j]
+                y = block.streams(y, embed(tok), tok, attend)
+                logits.append(F.linear(block.hidden(y).float(), head))
+            return torch.stack(logits, 1)
+
+        return propose

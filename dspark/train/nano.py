@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from dspark import checkpoint
 from dspark.config import DSparkFields, ModelConfig, RopeConfig, TrainConfig
-from dspark.data import corpus as corpus_stage
+from dspark.data.corpus import DOMAINS, build_corpus
+from dspark.data.pack import pack_documents
+from dspark.data.tokenizer import tokenize_corpus, train_tokenizer
 from dspark.train.data import SequenceData
 from dspark.train.pretrain import PretrainConfig, TargetTrainer
 from dspark.train.recipe import KINDS, calibrate_draft, new_draft, train_draft
@@ -40,7 +42,7 @@ from dspark.model.target import DeepseekV4
 from dspark.train.trainer import weights_hash
 
 DRAFT_KINDS = KINDS  # every draft kind (= block method) the recipe trains and ships
-NOISE_TOKEN = 3  # <|mask|> of the nano tokenizer (dspark.data.corpus.SPECIAL_TOKENS)
+NOISE_TOKEN = 3  # <|mask|> of the nano tokenizer (dspark.data.tokenizer.SPECIAL_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _chunks(out: Path, name: str, docs, seq_len: int) -> list[torch.Tensor]:
     file = out / f"{name}.safetensors"
     if file.exists():
         return list(load_file(str(file))["chunks"].long().unbind(0))
-    chunks, _ = corpus_stage.pack_documents(docs, seq_len)
+    chunks, _ = pack_documents(docs, seq_len)
     save_file({"chunks": torch.stack(chunks)}, str(file))
     return [c.long() for c in chunks]
 
@@ -149,12 +151,11 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
     corpus_dir = out / "corpus"
     if not (corpus_dir / "manifest.json").exists():
         _say(progress, "building the corpus")
-        corpus_stage.build_corpus(corpus_dir, max_files=recipe.max_files, max_bytes=recipe.max_bytes,
-                                  progress=progress)
+        build_corpus(corpus_dir, max_files=recipe.max_files, max_bytes=recipe.max_bytes, progress=progress)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         _say(progress, "training the tokenizer")
-        corpus_stage.train_tokenizer(corpus_dir, tok_dir, recipe.vocab_size, progress=progress)
+        train_tokenizer(corpus_dir, tok_dir, recipe.vocab_size, progress=progress)
     from dspark.text import load_tokenizer
 
     vocab = load_tokenizer(tok_dir).vocab_size
@@ -163,9 +164,9 @@ def run(recipe: NanoRecipe, out_dir: str | Path, *, progress: bool = True, stop_
     data_dir.mkdir(exist_ok=True)
     chunks = {}
     for split in ("train", "heldout"):
-        for domain in corpus_stage.DOMAINS:
+        for domain in DOMAINS:
             docs = None if (data_dir / f"{split}-{domain}.safetensors").exists() else \
-                corpus_stage.tokenize_corpus(corpus_dir, tok_dir, split, domain)
+                tokenize_corpus(corpus_dir, tok_dir, split, domain)
             chunks[split, domain] = _chunks(data_dir, f"{split}-{domain}", docs, recipe.seq_len + 1)
     train_chunks = _balanced(chunks["train", "code"], chunks["train", "prose"], recipe.seed)
     _say(progress, f"{len(train_chunks)} training chunks of {recipe.seq_len + 1} tokens, vocabulary {vocab}")

@@ -1,5 +1,5 @@
-"""Corpus and tokenizer stage of the nano recipe: stable splits, what discovery keeps and skips,
-deterministic manifests and tokenizers, a tokenizer that never sees held-out text, packing."""
+"""Corpus stage of the nano recipe: stable splits, what discovery keeps and skips, deterministic
+manifests."""
 
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from dspark.text import load_tokenizer
-from dspark.data.corpus import (SPECIAL_TOKENS, CorpusSources, Manifest, _training_texts, build_corpus,
-                                 pack_documents, read_corpus, split_of, tokenize_corpus, train_tokenizer)
-from dspark.train.data import SequenceData
+from dspark.data.corpus import CorpusSources, Manifest, build_corpus, read_corpus, split_of
+from tests.helpers.corpora import first_in, sources, write
 
 REPO = Path(__file__).resolve().parents[2]
 needs_man = pytest.mark.skipif(shutil.which("man") is None, reason="needs the `man` program")
@@ -36,21 +33,6 @@ frob \- frobnicate the bar
 .SH DESCRIPTION
 \fBfrob\fR frobnicates \fIbars\fR, carefully and at length.
 """
-
-
-def first_in(split: str, pattern: str, fraction: float = 0.05) -> str:
-    """The first relpath `pattern.format(i)` that falls in `split`."""
-    return next(p for p in (pattern.format(i) for i in range(10_000)) if split_of(p, fraction) == split)
-
-
-def write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-
-
-def sources(root: Path, *, man: bool = False, doc: bool = True, pydoc: bool = False) -> CorpusSources:
-    return CorpusSources(stdlib=root / "lib", site_packages=root / "site", man=root / "man" if man else None,
-                         doc=root / "doc" if doc else None, pydoc_topics=pydoc)
 
 
 # ------------------------------------------------------------------------------------- split
@@ -213,79 +195,3 @@ def test_max_files_samples_both_splits(tmp_path):
     assert all(split_of(d["relpath"], 0.2) == d["split"] for d in m.documents)
     with pytest.raises(ValueError, match="max_files"):
         build_corpus(tmp_path / "out", max_files=1, sources=sources(tmp_path), progress=False)
-
-
-# ---------------------------------------------------------------------------------- tokenizer
-ROUND_TRIP = [
-    "def f(x):\r\n\treturn {'ключ': x, \"名前\": 'π≈3.14'}  # ☃ 🎉\r\n",
-    "\t\t  mixed\tindent \n\n\n  trailing   ",
-    "control \x00\x01\x7f and combining e\u0301 and zero\u200bwidth",
-    "",
-]
-
-
-def tokenizer_corpus(root: Path) -> tuple[Path, str, str]:
-    """A corpus whose train split repeats one made-up word and whose held-out split another."""
-    held = first_in("heldout", "stdlib/held{}.py")
-    train = first_in("train", "stdlib/train{}.py")
-    body = "def compute(value):\n    return value + 1\n"
-    write(root / "lib" / held.removeprefix("stdlib/"), body + " zqxvbnheld" * 200 + "\n")
-    write(root / "lib" / train.removeprefix("stdlib/"), body + " wrtplkjtrain" * 200 + "\n")
-    for i in range(20):
-        write(root / f"doc/p{i}/README", f"The quick brown fox jumps over lazy dog number {i}.\n" * 3)
-    build_corpus(root / "corpus", sources=sources(root), progress=False)
-    return root / "corpus", held, train
-
-
-def test_tokenizer_deterministic_and_loadable(tmp_path):
-    corpus, _, _ = tokenizer_corpus(tmp_path)
-    a = train_tokenizer(corpus, tmp_path / "tok_a", vocab_size=400)
-    b = train_tokenizer(corpus, tmp_path / "tok_b", vocab_size=400)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
-    tok = load_tokenizer(a)
-    assert tok.vocab_size <= 400  # a tiny corpus runs out of pairs seen twice before 400
-    assert [tok.hf.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
-    assert tok.bos_token_id == 0 and tok.eos_token_ids == (1,) and not tok.add_bos
-    for text in ROUND_TRIP:
-        ids = tok.encode(text)
-        assert tok.decode(ids) == text
-        assert all(i >= len(SPECIAL_TOKENS) for i in ids)
-    assert tok.decode([0, *tok.encode("x = 1"), 1]) == "x = 1"  # specials are skipped in text
-
-
-def test_heldout_never_reaches_tokenizer(tmp_path):
-    corpus, held, train = tokenizer_corpus(tmp_path)
-    texts = list(_training_texts(corpus, None))
-    assert len(texts) == sum(1 for _ in read_corpus(corpus, "train"))
-    assert not any("zqxvbnheld" in t for t in texts) and any("wrtplkjtrain" in t for t in texts)
-    tok = load_tokenizer(train_tokenizer(corpus, tmp_path / "tok", vocab_size=600))
-    assert len(tok.encode(" wrtplkjtrain")) == 1  # learned whole from train
-    assert len(tok.encode(" zqxvbnheld")) > 3  # never seen: stays in pieces
-    # A byte cap stops before the document that would cross it.
-    capped = list(_training_texts(corpus, len(texts[0].encode()) + len(texts[1].encode())))
-    assert capped == texts[:2]
-
-
-# ------------------------------------------------------------------------------ tokenization
-def test_tokenize_and_pack(tmp_path):
-    corpus, _, _ = tokenizer_corpus(tmp_path)
-    path = train_tokenizer(corpus, tmp_path / "tok", vocab_size=400)
-    tok = load_tokenizer(path)
-    docs = tokenize_corpus(corpus, path, "train", "prose")
-    texts = {d.relpath: d.text for d in read_corpus(corpus, "train", "prose")}
-    assert [r for r, _ in docs] == sorted(texts)
-    for relpath, ids in docs:
-        assert ids.dtype == torch.int32 and ids[-1] == 1 and (ids[:-1] != 1).all()
-        assert tok.decode(ids.tolist()) == texts[relpath]
-
-    seq_len = 17
-    seqs, masks = pack_documents(docs, seq_len)
-    stream = torch.cat([ids for _, ids in docs])
-    assert len(seqs) == len(stream) // seq_len
-    assert torch.equal(torch.cat(seqs), stream[:len(seqs) * seq_len])
-    assert all(m.shape == (seq_len,) and bool((m == 1).all()) for m in masks)
-    assert all(torch.equal(x, y) for x, y in zip(seqs, pack_documents(docs, seq_len)[0]))
-    SequenceData(seqs, seq_len, masks)
-    with pytest.raises(ValueError, match="fewer than one sequence"):
-        pack_documents(docs[:1], len(stream) + 1)
