@@ -32,6 +32,17 @@ DRAFT_KINDS = ("qwen3",)
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """One rotary table. V4 has two: `main` (sliding layers) and `compress` (CSA/HCA)."""
@@ -126,8 +137,14 @@ class ModelConfig:
                      "o_groups", "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "index_n_heads",
                      "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "n_routed_experts",
                      "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
+        # Values that would turn every forward into NaN are refused here, not met as NaN logits.
+        for name in ("hc_eps", "rms_norm_eps", "routed_scaling_factor", "swiglu_limit"):
+            value = getattr(self, name)
+            need(_is_number(value) and 0 < value < float("inf"), f"{name} must be a finite number > 0, got {value!r}")
+        need(isinstance(self.tie_word_embeddings, bool),
+             f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
         need(len(self.layer_types) == self.num_layers,
              f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         need(len(self.mlp_layer_types) == self.num_layers,
@@ -327,17 +344,6 @@ class DraftConfig:
         return cls(**base)
 
 
-_INT64_MAX = 2**63 - 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling parameters (architecture.md §9), checked when constructed: every value
@@ -358,6 +364,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # Floats from here on: an integer temperature of 2**63 is a (huge) float, not an int64 overflow.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
         if not _is_int(self.top_k) or not 0 <= self.top_k <= _INT64_MAX:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= _INT64_MAX):
@@ -392,10 +401,13 @@ class EngineConfig:
     record_proposals: bool = False  # read every round's drafts back (tests, acceptance studies)
 
     def __post_init__(self):
-        for name in ("max_batch", "prefill_chunk", "token_bucket", "max_stop_tokens"):
+        # Upper bounds keep a typo from allocating the machine away: slots, stop lists and padded rows
+        # are allocated (or padded to) at these sizes.
+        for name, top in (("max_batch", 4096), ("prefill_chunk", 2**20), ("token_bucket", 4096),
+                          ("max_stop_tokens", 1024)):
             value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= 2**31:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not _is_int(value) or not 1 <= value <= top:
+                raise ValueError(f"{name} must be an integer in [1, {top}], got {value!r}")
         for name in ("max_seq_len", "memory_budget", "page_size"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 1 <= value <= _INT64_MAX):

@@ -85,7 +85,9 @@ class CheckpointReader:
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
         for shard, names in shards.items():
-            if not isinstance(shard, str) or (index.parent / shard).resolve().parent != index.parent.resolve():
+            # A shard is named by a plain file name in the index's directory: no separators, no "..".
+            # The file itself may be a symlink (the Hugging Face hub cache links snapshots into ../../blobs).
+            if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
                 raise ValueError(f"{index}: shard {shard!r} is not a file name inside the checkpoint directory")
             file = index.parent / shard
             if not file.is_file():

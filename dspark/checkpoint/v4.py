@@ -24,7 +24,7 @@ from torch import nn
 
 from dspark.checkpoint.reader import (CheckpointReader, describe, fp8_block_of, listing, raw_config, read_sts,
                                       read_tensor, scale_key)
-from dspark.checkpoint.v4_config import DSPARK_FIELDS, config_to_dict, read_config
+from dspark.checkpoint.v4_config import DSPARK_FIELDS, HF_DEFAULTS, config_to_dict, read_config
 from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
 
@@ -286,6 +286,28 @@ def _num_experts(state: dict[str, torch.Tensor], tid2eid_name: str) -> int:
     return state[tid2eid_name[: -len("tid2eid")] + "weight"].shape[0]  # the router's [E, D] weight
 
 
+def check_sizes(raw: dict, reader: CheckpointReader) -> None:
+    """The sizes config.json claims (layers, vocabulary, hidden size, experts) against what the tensor
+    headers hold, before a model is sized by them: a lying config is refused here instead of
+    allocating terabytes or building a billion layers first."""
+    where = f"{reader.path}: config.json"
+    layers = {int(m.group(2)) for k in reader.keys() if (m := _BLOCK_PREFIX.match(k)) and m.group(1) != "mtp"}
+    claimed = raw.get("num_hidden_layers", HF_DEFAULTS["num_hidden_layers"])
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed != len(layers) or \
+            layers != set(range(len(layers))):
+        shown = f"layers 0..{max(layers)}" if layers else "no layers"
+        raise ValueError(f"{where} says num_hidden_layers {claimed!r}, but its tensors hold {shown}"
+                         + ("" if layers == set(range(len(layers))) else " with gaps"))
+    embed = next((k for k in ("model.embed_tokens.weight", "embed.weight") if k in reader), None)
+    if embed is None:
+        raise ValueError(f"{reader.path}: no embedding tensor (model.embed_tokens.weight or embed.weight)")
+    shape = reader.shape(embed)
+    for field, size in (("vocab_size", shape[0]), ("hidden_size", shape[-1])):
+        value = raw.get(field, HF_DEFAULTS[field])
+        if not isinstance(value, int) or isinstance(value, bool) or value != size:
+            raise ValueError(f"{where} says {field} {value!r}, but {embed} is {list(shape)}")
+
+
 def load_target(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                num_layers: int | None = None, kernels: str = "auto"):
     """Build a `DeepseekV4` from a checkpoint directory (HF names, upstream names, or sharded FP8/FP4).
@@ -295,9 +317,10 @@ def load_target(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     first layers and skips the rest; `mtp.*` is then skipped too, since it continues the full-depth
     model. Weights are allocated once in `dtype` (fp32 islands stay fp32). `kernels`: `ModelConfig.kernels`.
     """
-    config = read_config(path).replace(kernels=kernels)
     raw = raw_config(path)
     with CheckpointReader(path) as reader:
+        check_sizes(raw, reader)  # before the config builds anything from them
+        config = read_config(path).replace(kernels=kernels)
         kind, stages = detect_mtp(reader.keys(), raw)
         config = config.replace(mtp_kind=kind, num_mtp_layers=stages)
         truncated = num_layers is not None and num_layers != config.num_layers

@@ -23,7 +23,7 @@ _CSA, _HCA = "compressed_sparse_attention", "heavily_compressed_attention"
 DSPARK_FIELDS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
 
 # Defaults of `transformers.DeepseekV4Config` 5.24 for fields a config.json may omit.
-_HF_DEFAULTS = dict(
+HF_DEFAULTS = _HF_DEFAULTS = dict(
     vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, head_dim=512,
     q_lora_rank=1024, o_groups=8, o_lora_rank=1024, sliding_window=128, index_n_heads=64, index_head_dim=128,
     index_topk=512, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, n_routed_experts=256,
@@ -125,7 +125,7 @@ def config_from_dict(d: dict) -> ModelConfig:
         main_rope=_rope_config(main, "main", head_dim, rope_dim, max_pos),
         compress_rope=_rope_config(compress, "compress", head_dim, rope_dim, max_pos),
         mtp_kind=mtp_kind, num_mtp_layers=num_mtp, dspark=dspark,
-        tie_word_embeddings=bool(f.field("tie_word_embeddings")), bos_token_id=f.nullable("bos_token_id"),
+        tie_word_embeddings=f.field("tie_word_embeddings"), bos_token_id=f.nullable("bos_token_id"),
         eos_token_ids=eos_ids,
     )
     extra = []

@@ -9,6 +9,7 @@ function returns: the tokens to stream and the counts that decide the next layou
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,9 +37,10 @@ class RequestOutput:
     new_token_ids: list[int]  # a stop token the request emitted is the last one, and kept
     new_logprobs: list[float]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     stats: RequestStats
     stop_token: int | None = None  # the stop token that finished the request (finish_reason "stop")
+    error: str | None = None  # what went wrong (finish_reason "error"); batch mates are unaffected
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _Request:
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
     stop_token: int | None = None
+    error: str | None = None
 
     @property
     def committed(self) -> int:
@@ -113,7 +116,10 @@ class Engine:
             prompt_ids = prompt_ids.tolist()
         if isinstance(prompt_ids, (str, bytes)):
             raise TypeError("prompt_ids must be token ids, not text (dspark.LLM takes text)")
-        prompt = list(prompt_ids)
+        try:
+            prompt = list(prompt_ids)
+        except TypeError:
+            raise TypeError(f"prompt_ids must be a sequence of token ids, got {type(prompt_ids).__name__}") from None
         if not prompt:
             raise ValueError("empty prompt: at least one token id is needed")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -172,11 +178,16 @@ class Engine:
             self._free_slots.pop()
             self._waiting.popleft()
             req.slot = slot
-            self.slots.assign(slot, req.params, req.seed, req.params.stop_token_ids)
-            if self.tracker is not None:
-                self.tracker.reset(slot, req.params.temperature)
-            self.drafter.admit(slot, req.prompt)
             self._running[req.rid] = req
+            try:  # all or nothing: a request that cannot be loaded into its slot leaves no trace there
+                self.slots.assign(slot, req.params, req.seed, req.params.stop_token_ids)
+                if self.tracker is not None:
+                    self.tracker.reset(slot, req.params.temperature)
+                self.drafter.admit(slot, req.prompt)
+            except Exception as e:
+                req.error = f"admission failed: {e}"
+                self._finish(req, "error")
+                self._done.append(self._output(req, 0))
 
     def _finish(self, req: _Request, reason: str) -> None:
         req.finish_reason = reason
@@ -189,7 +200,7 @@ class Engine:
     def _output(self, req: _Request, new: int) -> RequestOutput:
         return RequestOutput(req.rid, req.output[len(req.output) - new:] if new else [],
                              req.logprobs[len(req.logprobs) - new:] if new else [], req.finish_reason is not None,
-                             req.finish_reason, req.stats, req.stop_token)
+                             req.finish_reason, req.stats, req.stop_token, req.error)
 
     def _stop(self, req: _Request) -> None:
         """The request emitted a stop token (its last output token)."""
@@ -216,8 +227,8 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        outputs, self._done = self._done, []
         self._admit()
+        outputs, self._done = self._done, []  # aborts since the last step, and failed admissions
         self.last_round_requests = 0
         prefilling = [r for r in self._running.values() if r.prefilled < len(r.prompt)]
         if prefilling:
@@ -249,13 +260,14 @@ class Engine:
             req.stats.prefill_forwards += 1
             if req.prefilled < len(req.prompt):
                 continue
-            req.output.append(first[req.slot])
-            req.logprobs.append(logprob[req.slot])
-            if stopped[req.slot]:
+            new = self._take(req, [first[req.slot]], [logprob[req.slot]])
+            if req.finish_reason is not None:
+                pass  # non-finite logits: finished with an error
+            elif stopped[req.slot]:
                 self._stop(req)
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(req, "length")
-            outputs.append(self._output(req, 1))
+            outputs.append(self._output(req, new))
         return outputs
 
     def _decode(self, reqs: list[_Request]) -> list[RequestOutput]:
@@ -306,17 +318,33 @@ class Engine:
         outputs = []
         for req in reqs:
             s = req.slot
-            new = tokens[s][:num[s]]
-            req.output += new
-            req.logprobs += logprobs[s][:num[s]]
+            new = self._take(req, tokens[s][:num[s]], logprobs[s][:num[s]])
             req.stats.record(verified[s], accepted[s], num[s])
             if proposals is not None:
                 req.stats.proposals.append(proposals[s])
             if conf is not None:
                 req.stats.confidence_logits.append(conf[s])
-            if stopped[s]:
+            if req.finish_reason is not None:
+                pass  # non-finite logits: finished with an error
+            elif stopped[s]:
                 self._stop(req)
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(req, "length")
-            outputs.append(self._output(req, len(new)))
+            outputs.append(self._output(req, new))
         return outputs
+
+    def _take(self, req: _Request, tokens: list[int], logprobs: list[float]) -> int:
+        """Append a step's emitted tokens to the request; returns how many were taken.
+
+        NaN policy: an emitted token's log-probability is finite whenever the target's logits row is
+        (a sampled or accepted token has probability > 0), so a non-finite one means NaN or inf
+        logits. The request then ends with finish_reason "error" before that token, and its batch
+        mates go on. The check reads only values the host reads anyway: no extra sync."""
+        good = next((i for i, lp in enumerate(logprobs) if not math.isfinite(lp)), len(tokens))
+        req.output += tokens[:good]
+        req.logprobs += logprobs[:good]
+        if good < len(tokens):
+            req.error = (f"the target's logits were not finite (NaN or inf) at output token {len(req.output)}; "
+                         "the request was stopped there")
+            self._finish(req, "error")
+        return good

@@ -67,9 +67,12 @@ class TargetCache:
                  device: torch.device | str = "cpu", with_mtp: bool | None = None):
         rates = [config.compress_rate(i) for i in range(config.num_layers) if config.layer_types[i] != "sliding"]
         unit = math.lcm(*rates) if rates else 1
-        page_size = page_size or unit * max(1, math.ceil(64 / unit))
+        default_page = unit * max(1, math.ceil(64 / unit))
+        page_size = page_size or default_page
         if page_size % unit:
             raise ValueError(f"page_size {page_size} must be a multiple of every compression rate (lcm {unit})")
+        if page_size > max(default_page, unit * math.ceil(max_seq_len / unit)):
+            raise ValueError(f"page_size {page_size} is larger than a whole request ({max_seq_len} positions)")
         if max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {config.max_position_embeddings}")
         self.config = config
@@ -78,7 +81,9 @@ class TargetCache:
         self.pages_per_slot = math.ceil(max_seq_len / page_size)
         self.dummy_slot = max_batch
         self.dtype, self.device = dtype, torch.device(device)
-        self.window_capacity = ring_capacity(config.sliding_window - 1, max_provisional)
+        # No read reaches back past a request's first position: a window longer than max_seq_len
+        # (a config's claim, not a need) is capped there instead of sizing the rings by it.
+        self.window_capacity = ring_capacity(min(config.sliding_window, max_seq_len) - 1, max_provisional)
 
         slots = max_batch + 1
         per_page = self._bytes_per_page()
@@ -91,6 +96,8 @@ class TargetCache:
                 raise ValueError(
                     f"memory budget {memory_budget} B holds {max(num_pages, 0)} pages after {fixed} B of per-slot "
                     f"rings; one full-length request needs {self.pages_per_slot} pages of {per_page} B")
+            # Pages beyond what every slot at full length could hold would never be used.
+            num_pages = min(num_pages, max_batch * self.pages_per_slot)
         self.num_pages = int(num_pages) + 1  # page 0 is the trash page
         self.block_table = torch.zeros(slots, self.pages_per_slot, dtype=torch.long, device=self.device)
         self._free_pages = list(range(self.num_pages - 1, 0, -1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from dspark.checkpoint import CheckpointReader, config_from_dict, config_to_dict
 from dspark.checkpoint import load_target as load_model, save_target as save_pretrained
 from dspark.checkpoint.v4 import detect_layout, detect_mtp, load_weights, to_upstream, upstream_sources
 from dspark.checkpoint.quant import dequantize_fp4, dequantize_fp8, quantize_fp4, quantize_fp8
+from dspark.model.cache import TargetCache
 from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
 from tests.helpers.checkpoints import FLASH_LEGACY, assert_states_equal, quantise_release, write
@@ -510,10 +512,38 @@ def test_bad_checkpoint_refused(tmp_path, upstream, case, message):
 
 
 def test_long_listings_are_cut(tmp_path, upstream):
-    path = write(tmp_path, {"embed.weight": upstream["embed.weight"]}, config_to_dict(TINY))
+    # The embedding and one norm per layer: the sizes agree with config.json, most tensors are missing.
+    kept = {k: v for k, v in upstream.items() if k == "embed.weight" or k.endswith(".attn_norm.weight")}
+    assert len(kept) == 1 + TINY.num_layers
+    path = write(tmp_path, kept, config_to_dict(TINY))
     with pytest.raises(ValueError, match=r"missing tensors: .* \(\+\d+ more\)") as info:
         load_model(path)
     assert len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(vocab_size=10**10), "says vocab_size 10000000000, but embed.weight is"),
+    (dict(num_hidden_layers=10**9), "says num_hidden_layers 1000000000, but its tensors hold layers 0..3"),
+    (dict(num_hidden_layers=10**5), "num_hidden_layers 100000"),
+    (dict(hidden_size=True), "says hidden_size True"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings must be a bool"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number > 0"),
+    (dict(swiglu_limit=float("nan")), "swiglu_limit must be a finite number > 0"),
+])
+def test_a_lying_config_is_refused_before_anything_is_allocated(tmp_path, upstream, change, message):
+    """Sizes are checked against the tensor headers before a model (or a layer_types tuple) is built
+    from them; the whole refusal takes well under a second whatever the claimed size."""
+    path = write(tmp_path, upstream, dict(config_to_dict(TINY), **change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model(path)
+
+
+def test_a_window_longer_than_the_sequence_budget_does_not_size_the_rings():
+    huge = TINY.replace(sliding_window=10**9)
+    cache = DeepseekV4.random(TINY, seed=0).new_cache(max_batch=2, max_seq_len=64, max_provisional=8)
+    capped = TargetCache(huge, max_batch=2, max_seq_len=64, max_provisional=8)
+    assert capped.window_capacity == 63 + 8 and cache.window_capacity <= capped.window_capacity
 
 
 @pytest.fixture
@@ -558,6 +588,29 @@ def test_index_outside_directory_refused(sharded):
     index_file = sharded / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
     index["weight_map"]["embed.weight"] = "../elsewhere.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a file name inside the checkpoint directory"):
+        CheckpointReader(sharded)
+
+
+def test_hub_cache_snapshot_with_symlinked_shards_loads(tmp_path, sharded):
+    """The Hugging Face hub cache layout: snapshots/<rev>/<file> are symlinks into ../../blobs."""
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(sharded.iterdir())):
+        blob = blobs / f"{i:040x}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    assert all((snap / f.name).is_symlink() for f in sharded.iterdir())
+    assert_states_equal(load_model(snap).state_dict(), load_model(sharded).state_dict())
+
+
+@pytest.mark.parametrize("name", ["sub/model-00001-of-00003.safetensors", "..", ".", ""])
+def test_shard_names_with_paths_are_refused(sharded, name):
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["embed.weight"] = name
     index_file.write_text(json.dumps(index))
     with pytest.raises(ValueError, match="not a file name inside the checkpoint directory"):
         CheckpointReader(sharded)

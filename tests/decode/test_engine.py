@@ -8,7 +8,7 @@ import torch
 
 from dspark import ops
 from dspark.config import EngineConfig, SamplingParams
-from dspark.decode import Engine, generate
+from dspark.decode import Engine, collect, generate
 from dspark.model.mtp import mtp_forward
 from dspark.model.target import DeepseekV4
 from tests.helpers.drafters import (NEW_TOKENS, accepted_against, greedy_ar, oracle_method, peaked_model,
@@ -215,3 +215,76 @@ def test_sampling_parameters_no_slot_uses_are_none():
     assert t is slots.temperature and k is slots.top_k and p is slots.top_p
     slots.release(2)
     assert slots.sampling()[0] is None and slots.sampling()[2] is None
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["ar", "mtp", "ngram"])
+def test_non_finite_logits_end_only_that_request_with_an_error(monkeypatch, poison, method):
+    """NaN policy: a request whose target logits turn NaN / +inf finishes with finish_reason "error"
+    before the bad token; its batch mates decode exactly as without it."""
+    model = peaked_model()
+    forward, calls = model.forward_batch, [0]
+    victim_slot = 1
+
+    def poisoned(batch, cache, *a, **k):
+        out = forward(batch, cache, *a, **k)
+        calls[0] += 1
+        if calls[0] > 3:  # after prefill and a few rounds: poison every logits row of one slot
+            rows = batch.slot[batch.token_row[batch.logits_rows]] == victim_slot
+            out.logits[rows, 7] = poison
+        return out
+
+    monkeypatch.setattr(model, "forward_batch", poisoned)
+    res = run_method(method, None if method == "ar" else 2)
+    monkeypatch.undo()
+    want = greedy_ar()
+    bad = res[victim_slot]
+    assert bad.finish_reason == "error" and len(bad.token_ids) < NEW_TOKENS
+    assert tuple(bad.token_ids) == want[victim_slot][:len(bad.token_ids)]  # nothing after the bad logits
+    for i in (0, 2):
+        assert tuple(res[i].token_ids) == want[i] and res[i].finish_reason == "length"
+
+
+def test_an_error_output_names_the_problem(monkeypatch):
+    model = peaked_model()
+    forward = model.forward_batch
+
+    def nan_everywhere(batch, cache, *a, **k):
+        out = forward(batch, cache, *a, **k)
+        out.logits[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward_batch", nan_everywhere)
+    engine = Engine(model, "ar", config=EngineConfig(max_seq_len=64))
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason, o.new_token_ids) for o in outs] == [(rid, "error", [])]
+    assert "not finite" in outs[0].error
+    assert not engine.has_unfinished() and len(engine._free_slots) == engine.max_batch
+
+
+def test_values_beyond_the_slot_tensors_are_refused_when_built():
+    """Issue: top_k / temperature / seed beyond int64 or fp32 used to pass add_request and fail inside
+    step(), leaking the slot and hanging the engine."""
+    for bad in (dict(top_k=2**63), dict(temperature=float("nan")),
+                dict(temperature=float("inf")), dict(seed=2**63), dict(max_tokens=2**63), dict(top_k=True),
+                dict(temperature="1"), dict(stop_token_ids=(1.5,))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    # an integer temperature of 2**63 is a huge temperature (a float), which the slot tensors hold
+    res = collect(Engine(peaked_model(), "ngram", config=EngineConfig(max_batch=1, max_seq_len=64)), [[1, 2, 3]],
+                  [SamplingParams(temperature=2**63, top_k=2**63 - 1, seed=2**63 - 1, max_tokens=3)])
+    assert len(res[0].token_ids) == 3 and res[0].finish_reason == "length"
+
+
+def test_a_failing_admission_frees_its_slot_and_pages(monkeypatch):
+    engine = Engine(peaked_model(), "ngram", config=EngineConfig(max_batch=1, max_seq_len=128))
+    pages = engine.cache.free_pages
+    monkeypatch.setattr(engine.drafter, "admit", lambda slot, prompt: (_ for _ in ()).throw(RuntimeError("boom")))
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "error")] and "boom" in outs[0].error
+    assert engine._free_slots == [0] and engine.cache.free_pages == pages and not engine.has_unfinished()
+    monkeypatch.undo()
+    res = collect(engine, [list(prompts()[0])], [SamplingParams(max_tokens=40)])
+    assert tuple(res[0].token_ids) == greedy_ar()[0]  # the engine goes on serving
