@@ -137,8 +137,8 @@ class ModelConfig:
                      "o_groups", "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "index_n_heads",
                      "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "n_routed_experts",
                      "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings"):
-            need(_is_int(getattr(self, name)) and getattr(self, name) > 0,
-                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+            need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 2**31,
+                 f"{name} must be a positive int (at most 2^31), got {getattr(self, name)!r}")
         # Values that would turn every forward into NaN are refused here, not met as NaN logits.
         for name in ("hc_eps", "rms_norm_eps", "routed_scaling_factor", "swiglu_limit"):
             value = getattr(self, name)

@@ -91,7 +91,7 @@ class CheckpointReader:
                 raise ValueError(f"{index}: shard {shard!r} is not a file name inside the checkpoint directory")
             file = index.parent / shard
             if not file.is_file():
-                raise ValueError(f"{index}: shard {shard} is missing (needed for {names[0]!r} and "
+                raise ValueError(f"{index}: shard {shard if shard.isprintable() else repr(shard)} is missing (needed for {names[0]!r} and "
                                  f"{len(names) - 1} more)")
             self._add_file(file, names)
 

@@ -219,7 +219,21 @@ def load_weights(model: nn.Module, checkpoint: str | Path | CheckpointReader, *,
         with CheckpointReader(checkpoint) as reader:
             return load_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
                                 sources=sources)
-    reader = checkpoint
+    reader, state = checkpoint, model.state_dict()
+    plan = plan_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
+                        sources=sources)
+    with torch.no_grad():
+        for name, srcs in plan.items():
+            for src in srcs:
+                param = state[name] if src.part is None else _expert_slice(state[name], src)
+                param.copy_(read_tensor(reader, src.key, fp8_block))
+
+
+def plan_weights(model: nn.Module, reader: CheckpointReader, *, num_layers: int | None = None,
+                 load_mtp: bool = True, fp8_block: tuple[int, int] = (128, 128), sources=None
+                 ) -> dict[str, list[Source]]:
+    """Which checkpoint tensors fill each model tensor, after checking them all (see `load_weights`);
+    reads headers only, so it runs on a model built on the meta device before any memory is taken."""
     state = model.state_dict()
     if sources is not None:
         layout = "mtp"
@@ -242,11 +256,7 @@ def load_weights(model: nn.Module, checkpoint: str | Path | CheckpointReader, *,
     errors = _problems(reader, state, plan, skipped, fp8_block)
     if errors:
         raise ValueError(f"cannot load {reader.path} ({layout} layout) into the model: " + "; ".join(errors))
-    with torch.no_grad():
-        for name, srcs in plan.items():
-            for src in srcs:
-                param = state[name] if src.part is None else _expert_slice(state[name], src)
-                param.copy_(read_tensor(reader, src.key, fp8_block))
+    return plan
 
 
 def _problems(reader: CheckpointReader, state: dict[str, torch.Tensor], plan: dict[str, list[Source]],
@@ -326,9 +336,17 @@ def load_target(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         truncated = num_layers is not None and num_layers != config.num_layers
         if truncated:
             config = config.truncated(num_layers).replace(mtp_kind="none", num_mtp_layers=0)
+        kw = dict(num_layers=num_layers if truncated else None, load_mtp=config.mtp_kind == "mtp",
+                  fp8_block=fp8_block_of(raw))
+        try:
+            with torch.device("meta"):  # every shape checked against the headers before memory is taken
+                meta = DeepseekV4(config)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{reader.path}: config.json's sizes build no model ({first})") from None
+        plan_weights(meta, reader, **kw)
         model = DeepseekV4.empty(config, dtype=dtype, device=device)
-        load_weights(model, reader, num_layers=num_layers if truncated else None,
-                     load_mtp=config.mtp_kind == "mtp", fp8_block=fp8_block_of(raw))
+        load_weights(model, reader, **kw)
     return model
 
 

@@ -49,6 +49,7 @@ _FLOAT_FIELDS = dict(hc_eps="hc_eps", rms_norm_eps="rms_norm_eps", routed_scalin
                      swiglu_limit="swiglu_limit")
 # HF attribute aliases (`attribute_map`), read only when the real field is absent.
 _ALIASES = {"n_routed_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"}
+_ALIAS_OF = {alias: key for key, alias in _ALIASES.items()}
 _LEGACY = ("compress_ratios", "compress_rate_csa", "compress_rate_hca", "num_hash_layers", "qk_rope_head_dim",
            "rope_scaling")
 # Keys that ModelConfig fields stand for (config_to_dict regenerates them); all others go to `extra`.
@@ -76,10 +77,24 @@ class _Fields:
         return self.d[key] if key in self.d else _HF_DEFAULTS[key]
 
     def field(self, key: str):
+        """The value of an HF field (or its alias), of the type of HF's default for it."""
         alias = _ALIASES.get(key)
         if key not in self.d and alias is not None and self.get(alias) is not None:
-            return self.get(alias)
-        return self.get(key, _HF_DEFAULTS[key])
+            key = alias
+        value = self.get(key, _HF_DEFAULTS.get(key, _HF_DEFAULTS.get(_ALIAS_OF.get(key, key))))
+        like = _HF_DEFAULTS.get(key, _HF_DEFAULTS.get(_ALIAS_OF.get(key, key)))
+        if isinstance(like, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(like, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(like, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            kind = "a finite number"
+        else:
+            ok, kind = isinstance(value, type(like)), f"a {type(like).__name__}"
+        if not ok:
+            raise ValueError(f"{key} must be {kind}, got {value!r}")
+        return value
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -315,7 +330,10 @@ def read_config(path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a checkpoint directory (or of the directory holding a .safetensors file)."""
     try:
         return config_from_dict(raw_config(path))
-    except ValueError as e:
-        raise ValueError(f"{config_path(path)}: {e}") from None
+    # A value of the wrong shape deep in a nested field (rope parameters, layer lists) surfaces as one
+    # of these; every one is the file's fault and is reported as such, in one line.
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        raise ValueError(f"{config_path(path)}: {type(e).__name__ + ': ' if not isinstance(e, ValueError) else ''}"
+                         f"{e}") from None
 
 

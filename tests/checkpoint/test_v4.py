@@ -526,10 +526,13 @@ def test_long_listings_are_cut(tmp_path, upstream):
     (dict(num_hidden_layers=10**9), "says num_hidden_layers 1000000000, but its tensors hold layers 0..3"),
     (dict(num_hidden_layers=10**5), "num_hidden_layers 100000"),
     (dict(hidden_size=True), "says hidden_size True"),
-    (dict(tie_word_embeddings="no"), "tie_word_embeddings must be a bool"),
-    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings must be true or false"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number"),
     (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number > 0"),
-    (dict(swiglu_limit=float("nan")), "swiglu_limit must be a finite number > 0"),
+    (dict(swiglu_limit=float("nan")), "swiglu_limit must be a finite number"),
+    (dict(hc_mult=2**40), "hc_mult must be a positive int (at most 2^31)"),
+    (dict(hc_mult=10**9), "build no model"),  # shapes overflow even on the meta device
+    (dict(hc_mult=10**5), "mis-shaped tensors: layers.0.hc_attn_fn [24, 224]"),  # checked before allocating
 ])
 def test_a_lying_config_is_refused_before_anything_is_allocated(tmp_path, upstream, change, message):
     """Sizes are checked against the tensor headers before a model (or a layer_types tuple) is built
