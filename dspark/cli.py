@@ -135,7 +135,10 @@ def cmd_generate(args) -> int:
             print(f"--- completion {i + 1}/{len(results)} ({c.finish_reason}) ---")
             print(c.text.translate(escapes))
     print(_stats_line(llm.method, results, elapsed), file=sys.stderr)
-    return 0
+    failed = [(i, c.error) for i, c in enumerate(results) if c.finish_reason == "error"]
+    for i, message in failed:
+        print(f"error: prompt {i + 1}: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 TRAIN_EPILOG = """\
@@ -267,7 +270,7 @@ CPU wall-clock ratio against ar in the same run, not a GPU figure."""
 
 
 def cmd_eval(args) -> int:
-    from dspark.evaluate import EvalConfig, evaluate, markdown_table
+    from dspark.eval import EvalConfig, evaluate, markdown_table
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
@@ -310,6 +313,46 @@ def cmd_profile(args) -> int:
         print((Path(args.out) / "kernels.md").read_text())
     else:
         print(f"median round {summary['median_round_ms']:.2f} ms", file=sys.stderr)
+    return 0
+
+
+SERVE_EPILOG = """\
+examples:
+  dspark serve --model nano --method dspark --port 8000
+  dspark serve --model ./DeepSeek-V4-Flash --method mtp --device cuda --dtype bf16 --max-batch 32 --api-key KEY
+
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "nano", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
+
+OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions (both with stream), /v1/models,
+/health, /metrics (Prometheus text). Requests join and leave the running batch between rounds; more
+than --max-batch + --max-waiting requests in flight answer 429. Ctrl-C stops the server; requests
+still running get an error."""
+
+
+def cmd_serve(args) -> int:
+    from dspark.serve import ServeConfig, Server
+    from dspark.serve.app import PLAIN_CHAT_TEMPLATE, chat_template_of
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or default_model()
+    llm = LLM(model, method=args.method, draft=args.draft, num_draft_tokens=args.num_draft_tokens, dtype=args.dtype,
+              device=args.device, max_batch=args.max_batch, max_seq_len=args.max_seq_len, scheduler=args.scheduler,
+              cuda_graphs=args.cuda_graphs, kernels=args.kernels)
+    name = args.served_model_name or Path(str(model)).name
+    config = ServeConfig(name, api_key=args.api_key, max_waiting=args.max_waiting,
+                         default_max_tokens=args.default_max_tokens,
+                         chat_template=chat_template_of(model) or PLAIN_CHAT_TEMPLATE)
+    server = Server(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"serving {name!r} ({args.method}, scheduler {args.scheduler}) at {server.url}/v1", file=sys.stderr)
+    server.serve_forever()
     return 0
 
 
@@ -466,7 +509,45 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress lines")
     pr.set_defaults(func=cmd_profile)
 
-    from dspark.evaluate import METHODS as EVAL_METHODS
+    sv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (continuous batching, streaming, metrics)",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model over HTTP with the OpenAI API: one engine thread decodes every request\n"
+                    "in flight with the chosen method, and requests join and leave its batch between rounds.")
+    sv.add_argument("--model", metavar="DIR|nano",
+                    help="checkpoint directory, nano (the embedded model) or a random-weight preset such as tiny "
+                         "(default: nano if shipped, else tiny)")
+    sv.add_argument("--method", choices=list(METHODS), default="ar",
+                    help="decoding method; every method gives the same output distribution (default: ar)")
+    sv.add_argument("--draft", metavar="DIR",
+                    help="the trained draft of a block method (default: the model's drafts/<method>)")
+    sv.add_argument("--scheduler", choices=SCHEDULERS, default="fixed",
+                    help="how many drafted tokens each round verifies; hardware / async profile SPS at start-up "
+                         "(default: fixed)")
+    sv.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default: the method's)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    sv.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoding at once (default: 8)")
+    sv.add_argument("--max-seq-len", type=int, metavar="N",
+                    help="positions per request, prompt + output (default: min(the model's, 4096))")
+    sv.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                    help="requests queued beyond the running batch; more answer 429 (default: 64)")
+    sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                    help="max_tokens of a chat request that sets none (default: 256)")
+    sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ (401 otherwise)")
+    sv.add_argument("--served-model-name", metavar="NAME",
+                    help="the model name clients must send (default: the --model directory's name)")
+    sv.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default: fp32)")
+    sv.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    sv.add_argument("--kernels", choices=KERNELS, default="auto", help="kernel implementation (default: auto)")
+    sv.add_argument("--cuda-graphs", action="store_true", help="replay decode rounds from CUDA graphs")
+    sv.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="torch CPU threads; 0 keeps torch's default (default: 0)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default: warning)")
+    sv.set_defaults(func=cmd_serve)
+
+    from dspark.eval import METHODS as EVAL_METHODS
 
     e = sub.add_parser(
         "eval", help="acceptance table of every drafting method on a nano run's held-out text",
@@ -501,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # bad values and missing files: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # bad values and types, missing files: one line, no traceback
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever the message holds
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

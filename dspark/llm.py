@@ -58,16 +58,17 @@ class Completion:
     # out, so without a stop string `text == tokenizer.decode(token_ids)`
     token_ids: list[int]
     logprobs: list[float] | None  # per token of token_ids, under the target's raw distribution
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None  # the stop token id or stop string that ended it, if any
     stats: RequestStats | None  # the engine's counters (rounds, τ); None if it reported none
+    error: str | None = None  # what went wrong when finish_reason is "error" (e.g. NaN logits)
 
 
 # on_text(prompt index, new text, new token ids): what one step added to one prompt's output
 TextCallback = Callable[[int, str, list[int]], None]
 
 
-class _TextRequest:
+class TextRequest:
     """Host-side text state of one prompt: detokenizer, stop strings, the completion so far."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], logprobs: bool):
@@ -102,7 +103,8 @@ class _TextRequest:
         self.text.append(delta)
         if reason is not None:
             self.completion = Completion("".join(self.text), self.token_ids,
-                                         self.logprobs if self.want_logprobs else None, reason, stop_reason, out.stats)
+                                         self.logprobs if self.want_logprobs else None, reason, stop_reason, out.stats,
+                                         out.error)
         return delta, self.token_ids[start:]
 
 
@@ -214,6 +216,8 @@ class LLM:
         prompts = self._encode(texts)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {stop_token_ids!r}")
         stop_ids = tuple(dict.fromkeys([*self.eos_token_ids, *(stop_token_ids or ())]))
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=None if seed is None else seed + i, stop_token_ids=stop_ids,
@@ -224,7 +228,7 @@ class LLM:
             raise RuntimeError("this LLM is still running another generate/stream; finish or close it first")
         steps = run(self.engine, prompts, params)
         self._busy = True
-        return _Requests(self, steps, [_TextRequest(self.tokenizer, matcher_stops, logprobs) for _ in prompts])
+        return _Requests(self, steps, [TextRequest(self.tokenizer, matcher_stops, logprobs) for _ in prompts])
 
     def _encode(self, texts: str | Sequence[str]) -> list[list[int]]:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -247,7 +251,7 @@ class _Requests:
     """One call's prompts in flight: iterating yields (prompt index, new text, new token ids) per
     request per step; a request that hits a stop string is aborted in the engine at once."""
 
-    def __init__(self, llm: LLM, steps, texts: list[_TextRequest]):
+    def __init__(self, llm: LLM, steps, texts: list[TextRequest]):
         self.llm, self.steps, self.texts = llm, steps, texts
         self._it = self._run()
 

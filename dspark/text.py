@@ -188,6 +188,8 @@ class StopStringMatcher:
     def __init__(self, stop_strings: Sequence[str] = ()):
         if isinstance(stop_strings, str):
             raise ValueError("stop strings must be a list of strings, not one string")
+        if not isinstance(stop_strings, (list, tuple)):
+            raise ValueError(f"stop strings must be a list of strings, got {stop_strings!r}")
         bad = [s for s in stop_strings if not isinstance(s, str) or not s]
         if bad:
             raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dspark.checkpoint import save
 from dspark.cli import main
@@ -186,3 +187,29 @@ def test_train_draft_refuses_bad_requests(tmp_path, capsys):
     assert "needs a confidence head" in capsys.readouterr().err
     assert main(["train-draft", "--out", str(tmp_path), "--data", "x.txt", "--steps", "1"]) == 1
     assert "--data needs a --target checkpoint directory" in capsys.readouterr().err
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # capsys is read out per example
+@given(option=st.sampled_from(["--max-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--num-draft-tokens",
+                               "--threads", "--method", "--scheduler", "--dtype", "--device", "--kernels", "--stop",
+                               "--model", "--preset", "--prompt-file"]),
+       value=st.one_of(st.text(max_size=6), st.sampled_from(["-1", "0", "nan", "inf", "-inf", "1e309", "2e63",
+                                                             "9223372036854775808", "1.5", "x" * 300, "-"])))
+def test_hostile_option_values_exit_with_one_line(capsys, option, value):
+    """Any value of any option: exit 0, or 1 / 2 with one `error:` line and no traceback."""
+    if option == "--prompt-file" and value == "-":
+        value = "/nonexistent-file"  # stdin is not ours to read in a test
+    args = ["generate", "--max-tokens", "2", option, value]
+    if option not in ("--preset", "--model"):
+        args += ["--preset", "tiny"]
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc in (0, 1, 2), rc
+    if rc:
+        lines = [line for line in err.strip().splitlines() if not line.startswith("WARNING")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err

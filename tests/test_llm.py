@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 from dspark.checkpoint import save
@@ -174,3 +175,22 @@ def test_bad_construction():
         LLM("tiny", num_draft_tokens=2)
     with pytest.raises(ValueError, match="one prompt"):
         LLM.stream(None, ["a", "b"])
+
+
+@given(field=st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids"]),
+       value=st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                       st.lists(st.integers(min_value=-2, max_value=10**6), max_size=2)))
+def test_hostile_arguments_are_refused_by_name_or_run(llm, field, value):
+    """Either a ValueError / TypeError naming the argument at the call, or a completion."""
+    kwargs = {"max_tokens": 3, field: value}
+    if field == "max_tokens" and isinstance(value, int) and not isinstance(value, bool) and value > 3:
+        kwargs[field] = 3  # a valid but long budget: not what this test is about
+    try:
+        out = llm.generate("ok", **kwargs)
+    except (ValueError, TypeError) as e:
+        name = {"stop": "stop string", "stop_token_ids": "stop"}.get(field, field)
+        assert name in str(e) or "vocabulary" in str(e) or "max_seq_len" in str(e), f"{field}={value!r}: {e}"
+        return
+    assert len(out) == 1 and out[0].finish_reason in ("stop", "length")
+    assert not llm.engine.has_unfinished()

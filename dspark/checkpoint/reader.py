@@ -209,7 +209,11 @@ def read_sts(path: str | Path) -> torch.Tensor | None:
     file = Path(path) / "sts.json"
     if not file.is_file():
         return None
-    temps = json.loads(file.read_text()).get("sts_temperatures")
-    if not isinstance(temps, list) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+    try:
+        temps = json.loads(file.read_text()).get("sts_temperatures")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{file}: not a JSON object with sts_temperatures ({e})") from None
+    if not isinstance(temps, list) or not temps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in temps):
         raise ValueError(f"{file}: sts_temperatures must be a list of positive numbers")
     return torch.tensor(temps, dtype=torch.float32)
