@@ -3,7 +3,8 @@ roll back, and the one host loop (`run`) that `generate()` and every other calle
 
 from dspark.config import EngineConfig
 from dspark.decode.engine import Engine, RequestOutput
-from dspark.decode.generate import GenerationResult, collect, generate, run
+from dspark.decode.generate import Driver, GenerationResult, collect, generate, run
 from dspark.decode.methods import METHODS
 
-__all__ = ["METHODS", "Engine", "EngineConfig", "GenerationResult", "RequestOutput", "collect", "generate", "run"]
+__all__ = ["METHODS", "Driver", "Engine", "EngineConfig", "GenerationResult", "RequestOutput", "collect", "generate",
+           "run"]

@@ -163,6 +163,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
+    @property
+    def num_running(self) -> int:
+        """Requests in slots (prefilling or decoding)."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot or for KV pages."""
+        return len(self._waiting)
+
+    def take_finished(self, request_ids) -> list[RequestOutput]:
+        """The outputs of these requests that ended between steps (aborts, failed admissions), now
+        rather than at the next step, which would also run a forward; others stay for that step."""
+        ids = set(request_ids)
+        done = [o for o in self._done if o.request_id in ids]
+        self._done = [o for o in self._done if o.request_id not in ids]
+        return done
+
     def _reserve(self, prompt_len: int, params: SamplingParams) -> int:
         # Cache positions a request may touch: its prompt, its outputs, and the drafts of a round.
         return prompt_len + params.max_tokens + self.num_draft_tokens + 1

@@ -4,7 +4,9 @@
 step), then yields each step's outputs for them until all have finished; closing it early aborts
 what is left. Every caller that drives an engine goes through it: `generate` here, `dspark.LLM`
 (text, stop strings, streaming), the acceptance harness (dspark.eval), the training recipe, the
-profiler and the benchmarks (which time each `next()`).
+profiler and the benchmarks (which time each `next()`). `Driver` is the loop's body (add, abort,
+step, close): `run` drives a fixed set of requests through it, the HTTP server (dspark.serve)
+requests that arrive while it runs.
 """
 
 from __future__ import annotations
@@ -29,13 +31,52 @@ class GenerationResult:
     stop_token: int | None = None
 
 
+class Driver:
+    """The same loop for requests that arrive over time (the HTTP server's engine thread): `add` and
+    `abort` between steps, `step()` for one step's outputs of the requests added here. Requests join
+    and leave the running batch between rounds (continuous batching); `close()` aborts what is left."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.pending: set[int] = set()  # added here and not yet reported finished
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue one request (bad input raises here, naming the problem); returns its id."""
+        rid = self.engine.add_request(prompt, params)
+        self.pending.add(rid)
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        """End a request at the next step (its slot and pages are freed now); it reports finish_reason "abort"."""
+        if request_id in self.pending:
+            self.engine.abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; its outputs for the pending requests (an aborted one reports its end here)."""
+        outputs = self.engine.step()
+        if not outputs and self.pending and not self.engine.has_unfinished():
+            raise RuntimeError(f"the engine stopped without finishing requests {sorted(self.pending)}")
+        mine = [o for o in outputs if o.request_id in self.pending]
+        self.pending.difference_update(o.request_id for o in mine if o.finished)
+        return mine
+
+    def close(self) -> list[RequestOutput]:
+        """Abort every pending request; returns their final outputs (finish_reason "abort"), which
+        only aborts make: no forward runs for other requests sharing the engine."""
+        for rid in list(self.pending):
+            self.engine.abort(rid)
+        done = self.engine.take_finished(self.pending)
+        self.pending.clear()
+        return done
+
+
 class Run:
     """The requests of one `run` call: iterate for each step's outputs of them (a list per step,
     possibly empty) until all have finished; `close()` aborts the unfinished ones."""
 
-    def __init__(self, engine: Engine, request_ids: list[int]):
+    def __init__(self, driver: Driver, request_ids: list[int]):
         self.request_ids = request_ids  # in prompt order
-        self._steps = _steps(engine, request_ids)
+        self._steps = _steps(driver)
 
     def __iter__(self) -> Iterator[list[RequestOutput]]:
         return self
@@ -52,30 +93,21 @@ def run(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
     step the engine as the returned `Run` is iterated."""
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
-    added: list[int] = []
+    driver = Driver(engine)
     try:
-        for prompt, p in zip(prompts, params):
-            added.append(engine.add_request(prompt, p))
+        ids = [driver.add(prompt, p) for prompt, p in zip(prompts, params)]
     except BaseException:
-        for rid in added:  # all or nothing: a bad request leaves nothing queued
-            engine.abort(rid)
+        driver.close()  # all or nothing: a bad request leaves nothing queued
         raise
-    return Run(engine, added)
+    return Run(driver, ids)
 
 
-def _steps(engine: Engine, ids: list[int]) -> Iterator[list[RequestOutput]]:
-    pending = set(ids)
+def _steps(driver: Driver) -> Iterator[list[RequestOutput]]:
     try:
-        while pending:
-            outputs = engine.step()
-            if not outputs and not engine.has_unfinished():
-                raise RuntimeError(f"the engine stopped without finishing requests {sorted(pending)}")
-            mine = [o for o in outputs if o.request_id in pending]
-            pending.difference_update(o.request_id for o in mine if o.finished)
-            yield mine
+        while driver.pending:
+            yield driver.step()
     finally:  # reached on errors and when the caller closes the iterator early
-        for rid in pending:
-            engine.abort(rid)
+        driver.close()
 
 
 def collect(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
@@ -128,4 +160,4 @@ def generate(target, prompts: Sequence[Sequence[int]], *, method: str | Method =
     return collect(Engine(target, method, draft=draft, config=config), prompts, params)
 
 
-__all__ = ["GenerationResult", "Run", "collect", "generate", "run"]
+__all__ = ["Driver", "GenerationResult", "Run", "collect", "generate", "run"]

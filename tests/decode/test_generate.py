@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dspark.config import EngineConfig, SamplingParams
-from dspark.decode import Engine, collect, generate, run
+from dspark.decode import Driver, Engine, collect, generate, run
 from tests.helpers.drafters import greedy_ar, peaked_model, prompts
 
 
@@ -54,3 +54,30 @@ def test_generate_broadcasts_scalars_and_checks_lists():
         generate(peaked_model(), [list(p) for p in prompts()], max_new_tokens=[5, 6])
     with pytest.raises(ValueError, match="token-id lists"):
         generate(peaked_model(), "text")
+
+
+def test_the_driver_takes_requests_while_it_runs_and_aborts_without_a_forward():
+    e = engine(max_batch=2)
+    driver = Driver(e)
+    pages = e.cache.free_pages
+    a = driver.add(list(prompts()[0]), SamplingParams(max_tokens=40))
+    got = {a: []}
+    for _ in range(3):
+        for o in driver.step():
+            got[o.request_id] += o.new_token_ids
+    b = driver.add(list(prompts()[1]), SamplingParams(max_tokens=40))  # joins the running batch
+    got[b] = []
+    driver.abort(b)
+    assert driver.pending == {a, b}
+    while driver.pending:
+        for o in driver.step():
+            got[o.request_id] += o.new_token_ids
+            if o.request_id == b:
+                assert o.finished and o.finish_reason == "abort"
+    assert tuple(got[a]) == greedy_ar()[0] and got[b] == []
+    assert e.cache.free_pages == pages and not e.has_unfinished()
+    c = driver.add(list(prompts()[2]), SamplingParams(max_tokens=40))
+    driver.step()
+    closed = driver.close()  # no forward: only the abort's own output
+    assert [(o.request_id, o.finish_reason) for o in closed] == [(c, "abort")] and not driver.pending
+    assert e.cache.free_pages == pages and e.num_running == e.num_waiting == 0
