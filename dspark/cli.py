@@ -1,4 +1,5 @@
-"""`dspark` on the command line."""
+"""`dspark` on the command line: every subcommand's parser and handler. (Over 500 lines on purpose: one
+file, so `dspark --help`, each subcommand's `--help` and its examples read together.)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Mixture of experts: routing and the SwiGLU expert computation.
+"""Mixture of experts: routing and the SwiGLU expert computation. (Over 500 lines on purpose: router
+and experts share the layouts below and are the two halves of one block; each half reads alone.)
 
 Layouts: N tokens, D hidden, E experts, K experts per token, I expert width.
 

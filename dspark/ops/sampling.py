@@ -1,4 +1,5 @@
-"""Sampling distributions and inverse-CDF sampling with explicit uniforms.
+"""Sampling distributions and inverse-CDF sampling with explicit uniforms. (Over 500 lines on purpose:
+the bit-exact recipe below is shared by the reference and the kernels, which must agree bit for bit.)
 
 Layouts: N rows, V vocabulary.
 

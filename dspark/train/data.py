@@ -35,7 +35,7 @@ def step_generator(seed: int, step: int, stream: str = "") -> torch.Generator:
 
 
 @torch.no_grad()
-def target_view(target, input_ids: torch.Tensor, tap_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_features(target, input_ids: torch.Tensor, tap_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense target forward over [B, S] ids → (features [B, S, taps·D], final-normed hidden [B, S, D])."""
     out = target.run(input_ids, tap_layers=tuple(tap_layers))
     features = torch.cat([out.taps[layer] for layer in tap_layers], dim=-1)
@@ -74,7 +74,7 @@ class OnTheFly:
 
     def batch(self, step: int) -> Batch:
         ids, mask = self.data.windows(step_generator(self.seed, step, "batch"), self.batch_size)
-        features, hidden = target_view(self.target, ids, self.taps)
+        features, hidden = target_features(self.target, ids, self.taps)
         return Batch(ids, mask, features, hidden)
 
 
@@ -104,7 +104,7 @@ class FeatureShards:
         for start in range(0, windows, shard_size):
             n = min(shard_size, windows - start)
             ids, mask = data.windows(gen, n)
-            features, hidden = target_view(target, ids, tap_layers)
+            features, hidden = target_features(target, ids, tap_layers)
             name = f"features-{len(names):05d}.safetensors"
             save_file({"input_ids": ids, "loss_mask": mask, "features": features, "last_hidden": hidden},
                       str(path / name))

@@ -10,7 +10,7 @@ import torch
 from dspark.checkpoint import load_weights
 from dspark.config import DSparkFields, TrainConfig
 from dspark.draft.v4 import V4DSparkDraft
-from dspark.train.data import OnTheFly, target_view
+from dspark.train.data import OnTheFly, target_features
 from dspark.train.loss import LossConfig, sample_anchors
 from dspark.train.trainer import DraftTrainer, weights_hash
 from tests.compare import assert_close
@@ -33,7 +33,7 @@ def test_training_forward_equals_inference_blocks():
     d = draft().eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 24, (2, 40), generator=g)
-    features, _ = target_view(target(), ids, d.tap_layers)
+    features, _ = target_features(target(), ids, d.tap_layers)
     mask = torch.ones(2, 40)
     anchors, keep = zip(*(sample_anchors(m, 6, g) for m in mask))
     anchors, keep = torch.stack(anchors), torch.stack(keep)

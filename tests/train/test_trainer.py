@@ -96,9 +96,9 @@ def test_feature_shards_reproduce_on_the_fly_batches(tmp_path):
     FeatureShards.write(tmp_path / "cache", target, data, (1, 2), windows=20, seed=0, shard_size=8)
     cached = FeatureShards(tmp_path / "cache", batch_size=4, seed=0)
     batch = cached.batch(3)
-    from dspark.train.data import target_view
+    from dspark.train.data import target_features
 
-    features, hidden = target_view(target, batch.input_ids, (1, 2))
+    features, hidden = target_features(target, batch.input_ids, (1, 2))
     assert torch.equal(features, batch.features) and torch.equal(hidden, batch.last_hidden)
     assert len(cached.manifest["shards"]) == 3
 
