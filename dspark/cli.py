@@ -357,6 +357,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+PLAN_EPILOG = """\
+examples:
+  dspark plan --model ./DeepSeek-V4-Flash --gpus 8 --gpu-mem 141GB
+  dspark plan --model ./DeepSeek-V4-Flash --gpus 4 --gpu-mem 80GB --max-seq-len 131072 --max-batch 16
+  dspark plan --model ./DeepSeek-V4-Pro --gpus 16 --gpu-mem 141GB --tp 8 --ep 16
+
+Reads config.json and the safetensors headers only (no weight data; header-only copies work). Weights
+are counted as stored (FP8 / FP4 resident); today's loader dequantises to bf16, printed beside. Split:
+attention heads and the shared expert by TP, routed experts by EP, embedding / LM head by vocabulary
+(TP), the rest replicated; caches per rank for ceil(B / (N / TP)) requests. Workspace, CUDA-graph and
+reserve figures are estimates, each said how in the output and in dspark/checkpoint/plan.py."""
+
+
+def cmd_plan(args) -> int:
+    from dspark.checkpoint.plan import format_plan, plan
+
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: no checkpoint directory at {args.model}")
+    print(format_plan(plan(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, max_batch=args.max_batch,
+                           max_seq_len=args.max_seq_len, tp=args.tp, ep=args.ep, kv_dtype=args.kv_dtype,
+                           draft_tokens=args.draft_tokens)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dspark", description="Lossless speculative decoding for DeepSeek-V4-class models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -576,6 +600,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads; 0 keeps torch's default (default: 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser(
+        "plan", help="memory plan of a checkpoint on N GPUs (weights, caches, draft), from headers only",
+        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print per-rank weight bytes, KV-cache and compressed-entry bytes per token and at\n"
+                    "batch x length, draft bytes, workspace / CUDA-graph estimates, whether it fits, and the\n"
+                    "smallest GPU counts that fit on 80 GB and 141 GB parts. Nothing is loaded.")
+    pl.add_argument("--model", required=True, metavar="DIR",
+                    help="checkpoint directory: config.json + model.safetensors or an index with shards")
+    pl.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs (ranks) to plan for")
+    pl.add_argument("--gpu-mem", required=True, metavar="SIZE",
+                    help="memory per GPU: 141GB, 80GB (10^9 bytes) or 80GiB (2^30 bytes)")
+    pl.add_argument("--max-seq-len", type=int, metavar="N",
+                    help="positions per request, prompt + output (default: the model's max_position_embeddings)")
+    pl.add_argument("--max-batch", type=int, default=1, metavar="B", help="requests decoding at once (default: 1)")
+    pl.add_argument("--tp", type=int, metavar="T",
+                    help="tensor-parallel degree of attention, shared expert and vocabulary; divides N and the "
+                         "head / group counts (default: gcd(N, o_groups, index_n_heads))")
+    pl.add_argument("--ep", type=int, metavar="E", help="expert-parallel degree; divides N (default: N)")
+    pl.add_argument("--kv-dtype", choices=["bf16", "fp32"], default="bf16", help="cache dtype (default: bf16)")
+    pl.add_argument("--draft-tokens", type=int, default=8, metavar="K",
+                    help="tokens drafted per round: sizes the rings' rollback room and the verify step (default: 8)")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

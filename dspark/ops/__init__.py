@@ -14,6 +14,7 @@ from dspark.ops.markov import markov_logits, markov_logits_ref, markov_sample, m
 from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_ref, hc_head, hc_head_ref, hc_weights,
                             hc_weights_collapse, hc_weights_collapse_ref, hc_weights_ref)
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref
+from dspark.ops.quant_gemm import fp4_experts, fp4_experts_ref, fp8_linear, fp8_linear_ref
 from dspark.ops.rng import uniforms
 from dspark.ops.sampling import probs, probs_ref, sample, sample_logits, sample_logits_ref, sample_ref
 from dspark.ops.moe import (experts, experts_dense, experts_ref, experts_sorted, hash_route, hash_route_ref,
@@ -27,6 +28,7 @@ __all__ = [
     "markov_logits", "markov_logits_ref", "markov_sample", "markov_sample_ref",
     "hc_collapse", "hc_collapse_ref", "hc_expand", "hc_expand_ref", "hc_head", "hc_head_ref", "hc_weights",
     "hc_weights_collapse", "hc_weights_collapse_ref", "hc_weights_ref",
+    "fp4_experts", "fp4_experts_ref", "fp8_linear", "fp8_linear_ref",
     "chain_rejection", "chain_rejection_ref", "uniforms", "probs", "probs_ref", "sample", "sample_ref",
     "sample_logits", "sample_logits_ref",
     "experts", "experts_dense", "experts_ref", "experts_sorted", "hash_route", "hash_route_ref", "score_route",
