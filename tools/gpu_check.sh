@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (performance.md, "How GPU figures are used"): one call on a lent H200.
 #
+#   0. compile first: every Triton kernel compiled for sm_90 at V4-Flash decode shapes with this machine's
+#      Triton and ptxas (tools/kernel_check.py, ~15 s; CI runs it for sm_90 and sm_80 without a GPU), so a
+#      compile error or a spill shows here, not as a failed test     → $OUT/kernels.log, $OUT/kernels.json
 #   1. correctness first: every @pytest.mark.gpu test (kernels at V4 shapes, bf16 cases included)
 #      on CUDA with compiled kernels                                        → $OUT/tests.log
 #   2. the per-component cost table of a random-weight V4-Flash proxy (tools/gpu_costs.py: its own
@@ -42,6 +45,21 @@ then
     echo "no CUDA device: this check is for the GPU machine (SMOKE=1 rehearses it on CPU)" >&2
     exit 2
 fi
+
+# ---- 0. every kernel compiled for sm_90 (registers, spills, shared memory, grid, waves; a figure, not a gate:
+# the gates run in CI). SMOKE compiles one kernel and keeps its output on the console.
+echo "== kernel compile check (tools/kernel_check.py)"
+set +e
+if [[ "$SMOKE" == 1 ]]; then
+    timeout -k 10 120 "$PY" tools/kernel_check.py --tier fast --arch 90 --only compressor
+    kernels_rc=$?
+else
+    timeout -k 10 120 "$PY" tools/kernel_check.py --tier fast --arch 90 --json "$OUT/kernels.json" >"$OUT/kernels.log" 2>&1
+    kernels_rc=$?
+    tail -n 6 "$OUT/kernels.log"
+fi
+set -e
+echo "== kernel check done in $((SECONDS - start)) s (status $kernels_rc)"
 
 # ---- 1. tests: every @pytest.mark.gpu test (the kernels at V4 shapes, bf16 included) on CUDA.
 # The other kernel tests build CPU tensors for the Triton interpreter, so they are CPU-tier tests.
@@ -104,7 +122,7 @@ set -e
 
 # ---- 4. summary, last
 echo
-echo "== gpu_check summary ($((SECONDS - start)) s; tests status $tests_rc, costs status $costs_rc)"
+echo "== gpu_check summary ($((SECONDS - start)) s; tests status $tests_rc, costs status $costs_rc, kernel check status $kernels_rc)"
 if ((costs_rc == 0)); then
     sed -n '/^GPU cost table:/,$p' "$OUT/costs.log"  # the summary gpu_costs printed last
 elif [[ -f "$OUT/costs.json" ]]; then

@@ -190,27 +190,28 @@ def _hc_collapse_kernel(pre_ptr, x_ptr, stride_xt, out_ptr, T, N, D, NP: tl.cons
 
 
 @triton.jit
-def _hc_expand_kernel(post_ptr, comb_ptr, y_ptr, stride_yt, x_ptr, stride_xt, out_ptr, T, N, D, NP: tl.constexpr,
+def _hc_expand_kernel(post_ptr, comb_ptr, y_ptr, stride_yt, x_ptr, stride_xt, out_ptr, T, N, D,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, n, d] = post[t, n]·y[t, d] + Σ_j comb[t, j, n]·X[t, j, d], j in order 0..N−1."""
+    """out[t, n, d] = post[t, n]·y[t, d] + Σ_j comb[t, j, n]·X[t, j, d], j in order 0..N−1.
+
+    One output stream n at a time, re-reading X[t, j] (from L1) for each: a [BLOCK_T, NP, BLOCK_D] tile with
+    its int64 addresses took 151–157 registers at T > 1 (tools/kernel_check.py, nano, Triton 3.9); per
+    element the operations and their order are unchanged."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
-    n_i = tl.arange(0, NP)
-    n_ok = n_i < N
     td_ok = t_ok[:, None] & d_ok[None, :]
-    mixed = tl.zeros([BLOCK_T, NP, BLOCK_D], dtype=tl.float32)
-    for j in range(0, N):
-        c_j = tl.load(comb_ptr + t[:, None] * (N * N) + j * N + n_i[None, :], mask=t_ok[:, None] & n_ok[None, :],
-                      other=0.0)  # [BLOCK_T, NP]: comb[t, j, :]
-        x_j = tl.load(x_ptr + t[:, None] * stride_xt + j * D + dd[None, :], mask=td_ok, other=0.0).to(tl.float32)
-        mixed += c_j[:, :, None] * x_j[:, None, :]
-    post = tl.load(post_ptr + t[:, None] * N + n_i[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
     y = tl.load(y_ptr + t[:, None] * stride_yt + dd[None, :], mask=td_ok, other=0.0).to(tl.float32)
-    out = post[:, :, None] * y[:, None, :] + mixed
-    tl.store(out_ptr + t[:, None, None] * (N * D) + n_i[None, :, None] * D + dd[None, None, :],
-             out.to(out_ptr.dtype.element_ty), mask=td_ok[:, None, :] & n_ok[None, :, None])
+    for n in range(0, N):
+        mixed = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for j in range(0, N):
+            c_jn = tl.load(comb_ptr + t * (N * N) + j * N + n, mask=t_ok, other=0.0)  # [BLOCK_T]: comb[t, j, n]
+            x_j = tl.load(x_ptr + t[:, None] * stride_xt + j * D + dd[None, :], mask=td_ok, other=0.0).to(tl.float32)
+            mixed += c_jn[:, None] * x_j
+        post = tl.load(post_ptr + t * N + n, mask=t_ok, other=0.0)  # [BLOCK_T]
+        out = post[:, None] * y + mixed
+        tl.store(out_ptr + t[:, None] * (N * D) + n * D + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=td_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def _hc_expand_triton(post: torch.Tensor, comb: torch.Tensor, block_out: torch.T
         raise ValueError(f"block_out: strides {block_out.stride()} do not flatten without a copy") from err
     out = torch.empty(streams.shape, dtype=streams.dtype, device=dev)
     launch(_hc_expand_kernel, (cdiv(t, _BLOCK_T), cdiv(d, _BLOCK_D)), post, comb, y, y.stride(0), x, x.stride(0),
-           out, t, n, d, NP=next_pow2(max(n, 4)), BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
+           out, t, n, d, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
     return out
 
 

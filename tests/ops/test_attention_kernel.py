@@ -177,6 +177,50 @@ def test_batch_invariance(seed, dtype, d):
     assert torch.equal(run_kernel(q, pool, index.long(), sinks, scale), full), "depends on the index dtype"
 
 
+def run_path(case, split):
+    with poisoned_outputs():  # the split path's workspace is poisoned too: unwritten partials would show
+        return sparse_sink_attention(*case, kernels="triton", split=split)
+
+
+@needs_triton
+@given(case=attention_cases(max_t=17), longer=st.sampled_from([0, 64, 97]))
+def test_split_keys_equal_fused_bit_for_bit(case, longer):
+    """The split-key path (a program per key tile, then the combine) gives the fused kernel's bits, and both
+    match the reference; `longer` swaps in rows long enough for several tiles."""
+    q, pool, index, sinks, scale = case
+    if longer:  # the same (T, H, D, dtype) over rows of several tiles, every pattern
+        t, h, d = q.shape
+        case = make_case(t, h, d, longer, 50, q.dtype, longer + t, (list(PATTERNS) * t)[:t])
+        q, pool, index, sinks, scale = case
+    split, fused = run_path(case, True), run_path(case, False)
+    assert torch.equal(split, fused), "split-key and fused paths differ"
+    assert_close(split, sparse_sink_attention_ref(*case), **tolerance(q.dtype, used_keys(pool, index)),
+                 what="split kernel")
+
+
+@needs_triton
+@settings(max_examples=4)
+@given(seed=seeds(), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_split_combine_is_batch_invariant(seed, dtype):
+    """The combine merges a query's tiles in index order whatever else runs: a query alone through the split
+    path equals its row of a fused launch over all queries, of a split launch over a subset, and of a split
+    launch whose index rows are padded with masked tiles; the automatic choice follows the grid size."""
+    t, h, d, s, p = 7, 5, 33, 100, 40
+    patterns = ["valid", "holes", "masked", "dups", "prefix", "range", "holes"]
+    q, pool, index, sinks, scale = make_case(t, h, d, s, p, dtype, seed, patterns)
+    fused = run_path((q, pool, index, sinks, scale), False)
+    padded = torch.cat([index, torch.full((t, 70), -1, dtype=index.dtype)], dim=1)
+    assert torch.equal(run_path((q, pool, padded, sinks, scale), True), fused), "depends on trailing masked tiles"
+    for rows in ([0], [6], [5, 1, 3]):
+        rows = torch.tensor(rows)
+        alone = run_path((q[rows], pool, index[rows], sinks, scale), True)
+        assert torch.equal(alone, fused[rows]), f"rows {rows.tolist()}"
+    cpu = torch.device("cpu")  # 132 SMs assumed: split while T × head blocks ≤ 132 / 16
+    assert attention.split_keys(1, 2, 20, cpu) and attention.split_keys(4, 2, 20, cpu)
+    assert not attention.split_keys(5, 2, 20, cpu) and not attention.split_keys(64, 2, 20, cpu)
+    assert not attention.split_keys(1, 2, 1, torch.device("cpu")), "one tile: nothing to split"
+
+
 def dense_case(b, t, h, d, s, dtype, seed, expand=False):
     """(q, kv, allowed, sinks, scale); kv rows no query may read are NaN."""
     g = generator(seed)
@@ -324,6 +368,8 @@ def test_gpu_v4_shapes(dtype, h):
         assert torch.equal(run_kernel(q[rows], pool, index[rows], sinks, scale), got[rows])
     padded = torch.cat([index, torch.full((37, 64), -1, dtype=index.dtype, device="cuda")], dim=1)
     assert torch.equal(run_kernel(q, pool, padded, sinks, scale), got)
+    assert torch.equal(run_path(case, True), got) and torch.equal(run_path(case, False), got), "split vs fused"
+    assert torch.equal(run_path((q[:1], pool, index[:1], sinks, scale), None), got[:1]), "T = 1 (split) vs T = 37"
     dense = [x.to("cuda") if isinstance(x, torch.Tensor) else x for x in dense_case(2, 9, h, 512, 300, dtype, 0)]
     assert_close(sink_attention(*dense), sink_attention_ref(*dense),
                  **tolerance(dtype, dense[1][dense[2].any(1)]), what="dense")
