@@ -177,6 +177,9 @@ def _fp4_experts_kernel(x_ptr, stride_x, w_ptr, s_ptr, tile_expert_ptr, tile_row
 # no GPU measurement yet.
 _BLOCK_T = 16
 _BLOCK_N, _BLOCK_K = 64, 64
+# FP4: one per-32 scale group per K step; a 64-wide step decoded [64, 64] fp32 weights per program and
+# spilled on Triton 3.6 (tools/kernel_check.py).
+_FP4_BLOCK_K = 32
 
 
 def _scale_arg(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -249,7 +252,7 @@ def _fp4_experts_triton(x: torch.Tensor, w_fp4: torch.Tensor, scale: torch.Tenso
     y = torch.zeros((s_rows, n), dtype=torch.float32, device=x.device)  # padding rows stay 0
     launch(_fp4_experts_kernel, (int(tile_rows.shape[0]), cdiv(n, _BLOCK_N)), x, x.stride(0), w_fp4.view(torch.uint8),
            s, tile_expert, tile_row0, tile_rows, y, s_rows, n, k, SCALE_E8M0=is_e8m0, BLOCK_M=_BLOCK_T,
-           BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, IEEE=x.dtype == torch.float32)
+           BLOCK_N=_BLOCK_N, BLOCK_K=_FP4_BLOCK_K, IEEE=x.dtype == torch.float32)
     return y
 
 
