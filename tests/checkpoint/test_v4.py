@@ -587,15 +587,6 @@ def test_index_pointing_at_absent_tensor_refused(sharded):
         load_model(sharded)
 
 
-def test_index_outside_directory_refused(sharded):
-    index_file = sharded / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text())
-    index["weight_map"]["embed.weight"] = "../elsewhere.safetensors"
-    index_file.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="not a file name inside the checkpoint directory"):
-        CheckpointReader(sharded)
-
-
 def test_hub_cache_snapshot_with_symlinked_shards_loads(tmp_path, sharded):
     """The Hugging Face hub cache layout: snapshots/<rev>/<file> are symlinks into ../../blobs."""
     blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc123"
@@ -609,7 +600,7 @@ def test_hub_cache_snapshot_with_symlinked_shards_loads(tmp_path, sharded):
     assert_states_equal(load_model(snap).state_dict(), load_model(sharded).state_dict())
 
 
-@pytest.mark.parametrize("name", ["sub/model-00001-of-00003.safetensors", "..", ".", ""])
+@pytest.mark.parametrize("name", ["../elsewhere.safetensors", "sub/model-00001-of-00003.safetensors", "..", ".", ""])
 def test_shard_names_with_paths_are_refused(sharded, name):
     index_file = sharded / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
