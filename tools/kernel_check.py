@@ -1,6 +1,7 @@
 """Compile every Triton kernel for Hopper (sm_90) and Ampere (sm_80) without a GPU, and read its resources.
 
     python tools/kernel_check.py                       # default tier: each kernel once per arch, V4-Flash decode
+                                                       # (paged attention: Qwen3-8B and Gemma-style decode)
     python tools/kernel_check.py --tier full --out bench/results/kernels-sm90   # every config and shape
     python tools/kernel_check.py --controls            # negative controls: each gate must fire
 
@@ -141,6 +142,27 @@ def configs() -> dict[str, Dims]:
             "flash": _from_config("flash", ModelConfig.flash(), 256, 65536)}
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseDims:
+    """A dense HF target's attention (dspark/ops/paged_attention.py): heads, kv heads, head dim, its sliding
+    window and logit softcap, the tokens already cached per request at decode, and the cache's page size."""
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int | None
+    softcap: float | None
+    context: int
+    page: int = 16
+    dtype: torch.dtype = torch.bfloat16
+
+
+# Qwen3-8B (32 query heads over 8 kv heads, D = 128, full attention); Gemma-2-9B's sliding layers (16 over 8,
+# D = 256, window 4096, softcap 50): the Gemma-style D = 256 shape with both options on.
+DENSE = {"qwen3-8b": DenseDims("qwen3-8b", 32, 8, 128, None, None, 32768),
+         "gemma-d256": DenseDims("gemma-d256", 16, 8, 256, 4096, 50.0, 32768)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Capture: run an op on fake CUDA tensors with `launch` swapped for a recorder.
 
@@ -153,7 +175,8 @@ class Launch:
 
 
 class Recorder:
-    MODULES = ("attention", "compressor", "indexer", "markov", "mhc", "moe", "rejection", "sampling", "quant_gemm")
+    MODULES = ("attention", "compressor", "indexer", "markov", "mhc", "moe", "paged_attention", "rejection",
+               "sampling", "quant_gemm")
 
     def __init__(self):
         self.launches: list[Launch] = []
@@ -354,6 +377,22 @@ def case_quant(d: Dims, t: int):
                                            ((touched, n, s4.shape[2]), u8), ((rows, n), F32))}
 
 
+def case_paged_attention(d: DenseDims, t: int):
+    """T tokens of T requests (decode; for prefill sizes the distinct-request upper bound), each at position
+    context − 1 of its own block-table row."""
+    from dspark import ops
+    pages_per_slot = -(-d.context // d.page)
+    q = _t(t, d.heads, d.head_dim, dtype=d.dtype)
+    kv_shape = (t * pages_per_slot + 1, d.page, d.kv_heads, d.head_dim)
+    ops.paged_attention(q, _t(*kv_shape, dtype=d.dtype), _t(*kv_shape, dtype=d.dtype), _t(t, pages_per_slot, dtype=I64),
+                        _t(t, dtype=I64), _t(t, dtype=I64), d.head_dim ** -0.5, window=d.window, softcap=d.softcap,
+                        kernels="triton")
+    keys = min(d.context, d.window or d.context)  # positions each token reads
+    b = _nbytes((q.shape, d.dtype), ((2 * t * keys, d.kv_heads, d.head_dim), d.dtype), ((t, pages_per_slot), I64),
+                ((2 * t,), I64), (q.shape, d.dtype))
+    return {"_paged_attention_kernel": b}
+
+
 OPS = {"attention": case_attention, "indexer": case_indexer, "compressor": case_compressor, "markov": case_markov,
        "mhc": case_mhc, "moe": case_moe, "rejection": case_rejection, "sampling": case_sampling}
 if importlib.util.find_spec("dspark.ops.quant_gemm") is not None:  # issue #18's kernels, where present
@@ -361,7 +400,8 @@ if importlib.util.find_spec("dspark.ops.quant_gemm") is not None:  # issue #18's
 
 
 def cases(tier: str) -> list[tuple[str, str, int, object]]:
-    """(label, config, T, thunk) for the tier: fast = V4-Flash decode T = 1 (+ the fp32 indexer), full = every
+    """(label, config, T, thunk) for the tier: fast = V4-Flash decode T = 1 (+ the fp32 indexer) and the dense
+    targets' paged attention at decode T = 1, full = every
     config at decode and prefill sizes (1, odd, multiples of 16) plus the variants."""
     dims = configs()
     out = []
@@ -370,6 +410,8 @@ def cases(tier: str) -> list[tuple[str, str, int, object]]:
         for op, fn in OPS.items():
             out.append((op, "flash", 1, lambda fn=fn: fn(fl, 1)))
         out.append(("indexer fp32 q", "flash", 1, lambda: case_indexer(fl, 1, dtype=F32)))
+        for name, dd in DENSE.items():  # decode: the split path (T × kv heads < SMs)
+            out.append(("paged attention", name, 1, lambda dd=dd: case_paged_attention(dd, 1)))
         return out
     sizes = {"nano": (1, 5, 64, 1024), "tiny": (1, 7, 16, 64), "flash": (1, 8, 64, 2048)}
     for name, d in dims.items():
@@ -382,6 +424,11 @@ def cases(tier: str) -> list[tuple[str, str, int, object]]:
             out.append(("attention 1 part", name, t, lambda d=d, t=t: case_attention(d, t, parts=1)))
             out.append(("attention fp32", name, t, lambda d=d, t=t: case_attention(
                 dataclasses.replace(d, dtype=F32), t)))
+    for name, dd in DENSE.items():  # split at T ≤ 16 (8 kv heads), fused from 17
+        for t in (1, 7, 16, 64, 256):
+            out.append(("paged attention", name, t, lambda dd=dd, t=t: case_paged_attention(dd, t)))
+        out.append(("paged attention fp32", name, 64, lambda dd=dd: case_paged_attention(
+            dataclasses.replace(dd, dtype=F32), 64)))
     return out
 
 

@@ -13,6 +13,7 @@ from dspark.ops.indexer import (indexer_scores, indexer_scores_ref, indexer_sele
 from dspark.ops.markov import markov_logits, markov_logits_ref, markov_sample, markov_sample_ref
 from dspark.ops.mhc import (hc_collapse, hc_collapse_ref, hc_expand, hc_expand_ref, hc_head, hc_head_ref, hc_weights,
                             hc_weights_collapse, hc_weights_collapse_ref, hc_weights_ref)
+from dspark.ops.paged_attention import paged_attention, paged_attention_ref
 from dspark.ops.rejection import chain_rejection, chain_rejection_ref
 from dspark.ops.quant_gemm import fp4_experts, fp4_experts_ref, fp8_linear, fp8_linear_ref
 from dspark.ops.rng import uniforms
@@ -24,6 +25,7 @@ from dspark.ops._select import topk_lowest_index
 __all__ = [
     "sink_attention", "sink_attention_ref", "sparse_sink_attention", "sparse_sink_attention_ref",
     "compress_windows", "compress_windows_ref",
+    "paged_attention", "paged_attention_ref",
     "indexer_scores", "indexer_scores_ref", "indexer_select", "indexer_select_ref", "indexer_topk", "indexer_topk_ref",
     "markov_logits", "markov_logits_ref", "markov_sample", "markov_sample_ref",
     "hc_collapse", "hc_collapse_ref", "hc_expand", "hc_expand_ref", "hc_head", "hc_head_ref", "hc_weights",

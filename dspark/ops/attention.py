@@ -38,7 +38,7 @@ valid slot are skipped (merging one would be an exact no-op).
 Split keys (flash-decoding, `split_keys`): when T × head blocks fills at most 1/16 of the SMs (decode: at
 T = 1 V4-Flash has 2 head blocks), the same kernel runs with SPLIT, one program per (t, head block, tile)
 writing the tile's partial (m_j, den_j, acc_j) to an fp32 workspace, and `_sparse_sink_combine_kernel`
-merges a query's partials from the sink in tile order with the same `_merge`. The partials are the same
+merges a query's partials from the sink in tile order with the same `merge_partials`. The partials are the same
 values the fused kernel computes and the merges the same operations in the same order, so both paths
 give the same bits.
 
@@ -142,7 +142,7 @@ def _tile_partial(q, row, valid, pool_ptr, stride_p, P0, pool1_ptr, stride_p1, P
 
 
 @triton.jit
-def _merge(m, den, acc, m_j, den_j, acc_j):
+def merge_partials(m, den, acc, m_j, den_j, acc_j):
     """The running state (m, den, acc) ⊕ one tile's partial. Explicit FMAs, so the fused kernel and the
     split kernel's combine round alike (no contraction left to the compiler)."""
     m_new = tl.maximum(m, m_j)
@@ -197,7 +197,7 @@ def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_
             if tl.max(valid.to(tl.int32), axis=0) > 0:
                 m_j, den_j, acc_j = _tile_partial(q, row, valid, pool_ptr, stride_p, P0, pool1_ptr, stride_p1, P1,
                                                   pool2_ptr, stride_p2, d, d_ok, qk_scale, PARTS, IEEE)
-                m, den, acc = _merge(m, den, acc, m_j, den_j, acc_j)
+                m, den, acc = merge_partials(m, den, acc, m_j, den_j, acc_j)
         out = acc / den[:, None]
         tl.store(out_ptr + (t * H + h[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=h_ok[:, None] & d_ok[None, :])
@@ -207,7 +207,7 @@ def _sparse_sink_attention_kernel(q_ptr, stride_qt, stride_qh, pool_ptr, stride_
 def _sparse_sink_combine_kernel(ws_m_ptr, ws_den_ptr, ws_acc_ptr, sinks_ptr, out_ptr, H, D, N_TILES,
                                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """The split path's second step: merge the N_TILES partials of query t in tile order, from the sink, with
-    the fused kernel's `_merge` (so both paths give the same bits)."""
+    the fused kernel's `merge_partials` (so both paths give the same bits)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < H
@@ -223,7 +223,7 @@ def _sparse_sink_combine_kernel(ws_m_ptr, ws_den_ptr, ws_acc_ptr, sinks_ptr, out
             den_j = tl.load(ws_den_ptr + ws, mask=h_ok, other=0.0)
             acc_j = tl.load(ws_acc_ptr + ws[:, None] * D + d[None, :], mask=h_ok[:, None] & d_ok[None, :],
                             other=0.0)
-            m, den, acc = _merge(m, den, acc, m_j, den_j, acc_j)
+            m, den, acc = merge_partials(m, den, acc, m_j, den_j, acc_j)
     out = acc / den[:, None]
     tl.store(out_ptr + (t * H + h[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_ok[:, None] & d_ok[None, :])
@@ -237,7 +237,7 @@ _MAX_D = 1024
 _MAX_PARTS = 3
 
 
-def _config(h: int, d: int, elem_bytes: int) -> tuple[int, int, int]:
+def head_block_config(h: int, d: int, elem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_D, num_warps) from (H, D, dtype) only, never from T or S (batch invariance).
 
     tl.dot needs every dim ≥ 16. The fp32 accumulator [BLOCK_H, BLOCK_D] is capped at 16k elements for
@@ -263,7 +263,7 @@ _SPLIT_MAX_FILL = 16  # split while T × head blocks ≤ SMs / this
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _DEFAULT_SMS
@@ -271,7 +271,7 @@ def _sm_count(device: torch.device) -> int:
 
 def split_keys(t: int, head_blocks: int, n_tiles: int, device: torch.device) -> bool:
     """Whether the split path runs: a key tile per program when the fused grid fills ≤ 1/16 of the SMs."""
-    return n_tiles > 1 and _SPLIT_MAX_FILL * t * head_blocks <= _sm_count(device)
+    return n_tiles > 1 and _SPLIT_MAX_FILL * t * head_blocks <= sm_count(device)
 
 
 @register("sparse_sink_attention")
@@ -294,7 +294,7 @@ def _sparse_sink_attention_triton(q: torch.Tensor, pool: list[torch.Tensor], ind
     check_tensor("sinks", sinks, shape=(h,), dtypes=(torch.float32,), device=dev, contiguous=True)
     s = int(index.shape[1])
     out = torch.empty((t, h, d), dtype=q.dtype, device=dev)
-    block_h, block_d, warps = _config(h, d, q.element_size())
+    block_h, block_d, warps = head_block_config(h, d, q.element_size())
     head_blocks, n_tiles = cdiv(h, block_h), cdiv(s, _BLOCK_S)
     if split is None:
         split = split_keys(t, head_blocks, n_tiles, dev)
