@@ -28,7 +28,9 @@ ROPE_KINDS = ("default", "yarn")
 # "ref" = the references everywhere (e.g. to bisect a GPU mismatch).
 KERNELS = ("auto", "triton", "ref")
 # Draft module layouts (DraftConfig.kind) and Markov head types (dspark.md §2.1).
-DRAFT_KINDS = ("qwen3",)
+DRAFT_KINDS = ("qwen3", "gemma4")
+# MLP gate activations (HF names) of the dense targets and the drafts that mirror them.
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
@@ -250,11 +252,27 @@ _DRAFT_INT_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "
 _DRAFT_BOOL_FIELDS = ("has_confidence_head", "confidence_with_markov", "confidence_bias")
 
 
+def _check_gemma4_deltas(cfg, need) -> None:
+    """The Gemma 4 backbone fields DraftConfig and Eagle3Config share (same names, same meaning)."""
+    need(cfg.hidden_act in ACTIVATIONS, f"hidden_act {cfg.hidden_act!r} not in {ACTIVATIONS}")
+    for name in ("attention_scale", "logit_softcap"):
+        value = getattr(cfg, name)
+        need(value is None or (_is_number(value) and value > 0),
+             f"{name} must be None or a positive number, got {value!r}")
+    need(_is_number(cfg.rope_fraction) and 0 < cfg.rope_fraction <= 1,
+         f"rope_fraction must lie in (0, 1], got {cfg.rope_fraction!r}")
+    need(_is_number(cfg.embed_scale) and cfg.embed_scale > 0,
+         f"embed_scale must be a positive number, got {cfg.embed_scale!r}")
+    for name in ("k_eq_v", "value_norm", "sandwich_norms"):
+        need(isinstance(getattr(cfg, name), bool), f"{name} must be a bool, got {getattr(cfg, name)!r}")
+
+
 @dataclass(frozen=True)
 class DraftConfig:
     """Shapes and switches of a block drafter (dspark.md §1.1); `kind` names the module layout."""
 
-    # layout: "qwen3" = DeepSpec's Qwen3DSparkModel (DSpark and DFlash alike)
+    # layout: DeepSpec's "qwen3" Qwen3DSparkModel or "gemma4" Gemma4DSparkModel (DSpark and DFlash alike); it
+    # names the checkpoint format, the fields below say what the module computes
     kind: str
     # backbone (Qwen3 decoder layers, full attention)
     hidden_size: int  # d (= the target's for DeepSpec drafts)
@@ -281,6 +299,15 @@ class DraftConfig:
     confidence_with_markov: bool = False
     confidence_bias: bool = True
     max_position_embeddings: int = 40960
+    # Gemma 4 backbone deltas; the defaults are the Qwen3 layout
+    hidden_act: str = "silu"  # MLP gate activation (ACTIVATIONS)
+    attention_scale: float | None = None  # softmax scale of q·k; None = head_dim ** -0.5 (Gemma 4: 1.0)
+    rope_fraction: float = 1.0  # share of the hd/2 RoPE pairs rotated, frequencies over hd (Gemma 4 "proportional")
+    k_eq_v: bool = False  # values are the raw k_proj output: no v_proj (Gemma 4 attention_k_eq_v)
+    value_norm: bool = False  # scale-free RMSNorm over head_dim on the values (Gemma 4 v_norm)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too, and a per-layer layer_scalar
+    embed_scale: float = 1.0  # token embeddings × this, rounded to the weights' dtype (Gemma: sqrt(d))
+    logit_softcap: float | None = None  # U = cap · tanh(lm_head(h) / cap) (Gemma final_logit_softcapping)
     # how the ops run (dspark.config.KERNELS), not what the draft is: never saved, not compared
     kernels: str = field(default="auto", compare=False)
 
@@ -320,6 +347,7 @@ class DraftConfig:
              f"markov_head_type {self.markov_head_type!r} not in {MARKOV_HEAD_TYPES}")
         need(not self.confidence_with_markov or (self.has_confidence_head and self.markov_rank > 0),
              "confidence_with_markov needs has_confidence_head and markov_rank > 0")
+        _check_gemma4_deltas(self, need)
 
     @property
     def context_width(self) -> int:
@@ -342,6 +370,76 @@ class DraftConfig:
         )
         base.update(overrides)
         return cls(**base)
+
+    @classmethod
+    def tiny_gemma4(cls, **overrides) -> "DraftConfig":
+        """`tiny` in DeepSpec's Gemma 4 layout (attention_k_eq_v, partial RoPE, soft-capped logits)."""
+        base = dict(kind="gemma4", num_kv_heads=1, hidden_act="gelu_pytorch_tanh", attention_scale=1.0,
+                    rope_fraction=0.25, k_eq_v=True, value_norm=True, sandwich_norms=True,
+                    embed_scale=40 ** 0.5, logit_softcap=15.0)
+        return cls.tiny(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    """Shapes and switches of an EAGLE-3 draft (dspark.draft.eagle3; DeepSpec's config.json names in comments)."""
+
+    # layout: DeepSpec's "qwen3" Qwen3Eagle3Model or "gemma4" Gemma4Eagle3Model; it names the checkpoint
+    # format, the fields below say what the module computes
+    kind: str
+    # backbone: the one decoder layer over [embedding ; hidden] rows
+    hidden_size: int  # d, the target's hidden size too (fc reads taps × d)
+    num_heads: int  # num_attention_heads
+    num_kv_heads: int  # num_key_value_heads (Gemma 4 k_eq_v: num_global_key_value_heads)
+    head_dim: int  # Gemma 4: global_head_dim
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float  # rope_parameters(.full_attention).rope_theta
+    vocab_size: int  # the target's vocabulary (no draft-vocabulary maps d2t / t2d)
+    # context features and chain
+    target_layer_ids: tuple[int, ...]  # taps: raw outputs of these target layers, concatenated
+    num_target_layers: int
+    ttt_length: int  # γ: tokens chained per round (training's test-time-training length)
+    max_position_embeddings: int = 40960
+    # Gemma 4 backbone deltas, as DraftConfig's; the defaults are the Qwen3 layout
+    hidden_act: str = "silu"  # MLP gate activation (ACTIVATIONS)
+    attention_scale: float | None = None  # softmax scale of q·k; None = head_dim ** -0.5 (Gemma 4: 1.0)
+    rope_fraction: float = 1.0  # share of the hd/2 RoPE pairs rotated, frequencies over hd (Gemma 4 "proportional")
+    k_eq_v: bool = False  # values are the raw k_proj output: no v_proj (Gemma 4 attention_k_eq_v)
+    value_norm: bool = False  # scale-free RMSNorm over head_dim on the values (Gemma 4 v_norm)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too, and a layer_scalar
+    embed_scale: float = 1.0  # token embeddings × this, rounded to the weights' dtype (Gemma: sqrt(d))
+    logit_softcap: float | None = None  # cap · tanh(logits / cap) (Gemma final_logit_softcapping)
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"invalid Eagle3Config: {msg}")
+
+        need(self.kind in DRAFT_KINDS, f"kind {self.kind!r} not in {DRAFT_KINDS}")
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+                     "num_target_layers", "ttt_length", "max_position_embeddings"):
+            value = getattr(self, name)
+            need(_is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even (rotate-half RoPE)")
+        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta!r}")
+        _check_gemma4_deltas(self, need)
+        taps = self.target_layer_ids
+        need(isinstance(taps, tuple) and len(taps) > 0 and all(_is_int(t) for t in taps),
+             f"target_layer_ids must be a non-empty tuple of ints, got {taps!r}")
+        need(all(a < b for a, b in zip(taps, taps[1:])), f"target_layer_ids {taps} must be strictly increasing")
+        # The last target layer is never tapped: HF's hidden_states holds its final-normed state, not
+        # its raw output (DeepSpec's assert_no_final_target_layer).
+        need(all(0 <= t < self.num_target_layers - 1 for t in taps),
+             f"target_layer_ids {taps} must lie in [0, {self.num_target_layers - 1}) "
+             f"(num_target_layers {self.num_target_layers}; the last layer is not tappable)")
+
+    @property
+    def context_width(self) -> int:
+        return len(self.target_layer_ids) * self.hidden_size
 
 
 @dataclass(frozen=True)
@@ -398,6 +496,10 @@ class EngineConfig:
     adapt: bool = False  # correct confidences online from observed acceptances (dspark.decode.adapt)
     # execution and recording
     cuda_graphs: bool = False
+    # decode rounds through torch.compile (inductor, C++) on CPU (dspark.decode.compiled); None: on when
+    # the device is a CPU, the target runs the reference kernels and a C++ compiler is found. Off by
+    # default: a cold compile costs minutes per round shape on 2 cores (compiled.py has the numbers)
+    compile: bool | None = False
     record_proposals: bool = False  # read every round's drafts back (tests, acceptance studies)
 
     def __post_init__(self):
@@ -426,6 +528,11 @@ class EngineConfig:
         for name in ("adapt", "cuda_graphs", "record_proposals"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be a bool or None (auto), got {self.compile!r}")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("compile=True and cuda_graphs=True: compiled rounds are the CPU path, CUDA graphs "
+                             "the GPU one")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -465,3 +572,160 @@ class TrainConfig:
             return self.lr * (step + 1) / warmup
         progress = (step - warmup) / max(self.steps - warmup, 1)
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# Dense HF targets (dspark.model.dense): the families, their attention kinds per layer and rotary kinds
+# (HF's rope_type names); their MLP activations are ACTIVATIONS.
+DENSE_FAMILIES = ("qwen3", "llama", "gemma4")
+DENSE_LAYER_TYPES = ("full", "sliding")
+DENSE_ROPE_KINDS = ("default", "llama3", "proportional")
+
+
+@dataclass(frozen=True)
+class DenseRope:
+    """One NeoX (rotate-half) rotary table over a whole head, as HF's rope_parameters describe it."""
+
+    theta: float
+    kind: str = "default"  # DENSE_ROPE_KINDS
+    # proportional: the first ⌊factor·hd/2⌋ frequency pairs rotate, the rest get frequency 0
+    partial_rotary_factor: float = 1.0
+    # llama3 and proportional: inverse frequencies divided by `factor` (llama3 only below low_freq_wavelen)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 0
+
+    def __post_init__(self):
+        if self.kind not in DENSE_ROPE_KINDS:
+            raise ValueError(f"unknown rope kind {self.kind!r}; expected one of {DENSE_ROPE_KINDS}")
+        if not (_is_number(self.theta) and 0 < self.theta < float("inf")):
+            raise ValueError(f"rope theta must be a finite number > 0, got {self.theta!r}")
+        if not (_is_number(self.factor) and self.factor > 0):
+            raise ValueError(f"rope factor must be > 0, got {self.factor!r}")
+        if not (_is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1):
+            raise ValueError(f"rope partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.partial_rotary_factor != 1 and self.kind != "proportional":
+            raise ValueError(f"rope partial_rotary_factor {self.partial_rotary_factor} is only implemented for "
+                             "the 'proportional' kind")
+        if self.kind == "llama3" and not (self.original_max_position > 0
+                                          and 0 < self.low_freq_factor < self.high_freq_factor):
+            raise ValueError("llama3 rope needs original_max_position > 0 and 0 < low_freq_factor < high_freq_factor")
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """A dense HF decoder (Qwen3, Llama-3, Gemma 4 text): pre-norm GQA attention + gated MLP per layer.
+
+    Family differences are named switches, not branches on `family`, so one module body serves all
+    three; `dspark.checkpoint.hf` translates config.json into them. Vocabulary: D hidden, H / Hkv
+    query and KV heads, hd head dim, I MLP width, W sliding window (including the current token).
+    """
+
+    family: str  # DENSE_FAMILIES, for messages and saving
+    # widths
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # I
+    num_layers: int
+    # attention: GQA; Gemma 4's full-attention layers may widen the head and change the KV heads
+    num_heads: int  # H
+    num_kv_heads: int  # Hkv
+    head_dim: int  # hd
+    layer_types: tuple[str, ...]  # per layer, DENSE_LAYER_TYPES
+    rope: DenseRope  # full-attention layers (every layer unless sliding_rope is set)
+    max_position_embeddings: int
+    sliding_window: int | None = None  # W of "sliding" layers
+    sliding_rope: DenseRope | None = None  # sliding layers' table when it differs (Gemma 4)
+    global_head_dim: int | None = None  # hd of full layers when it differs (Gemma 4)
+    global_num_kv_heads: int | None = None  # Hkv of full layers when it differs (Gemma 4)
+    attention_k_eq_v: bool = False  # full layers take V from k_proj (no v_proj; Gemma 4)
+    attention_scale: float | None = None  # query scale; None = hd^-1/2 (Gemma 4: 1, its q_norm scales)
+    # norms and biases
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = False  # per-head weighted RMSNorm of q and k before RoPE (Qwen3, Gemma 4)
+    v_norm: bool = False  # per-head unweighted RMSNorm of v (Gemma 4)
+    sandwich_norms: bool = False  # norms after attention and MLP too, then ×layer_scalar (Gemma 4)
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # ACTIVATIONS
+    # embedding and head
+    embed_scale: float | None = None  # embeddings × this, rounded to the weight dtype (Gemma: sqrt(D))
+    final_logit_softcapping: float | None = None  # logits = c·tanh(logits / c)
+    tie_word_embeddings: bool = False
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # the engine reads `dspark` (V4 -DSpark fields) on every target; dense targets have none
+    dspark: None = None
+    # how the ops run (KERNELS), not what the model is: never saved, not compared
+    kernels: str = field(default="auto", compare=False)
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"invalid DenseConfig: {msg}")
+
+        need(self.family in DENSE_FAMILIES, f"family {self.family!r} not in {DENSE_FAMILIES}")
+        need(self.kernels in KERNELS, f"kernels {self.kernels!r} not in {KERNELS}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            need(_is_int(getattr(self, name)) and 0 < getattr(self, name) <= 2**31,
+                 f"{name} must be a positive int (at most 2^31), got {getattr(self, name)!r}")
+        for name in ("sliding_window", "global_head_dim", "global_num_kv_heads"):
+            value = getattr(self, name)
+            need(value is None or (_is_int(value) and 0 < value <= 2**31),
+                 f"{name} must be None or a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "attention_scale", "embed_scale", "final_logit_softcapping"):
+            value = getattr(self, name)
+            need(value is None and name != "rms_norm_eps" or _is_number(value) and 0 < value < float("inf"),
+                 f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("attention_k_eq_v", "qk_norm", "v_norm", "sandwich_norms", "attention_bias", "mlp_bias",
+                     "tie_word_embeddings"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
+        need(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} not in {ACTIVATIONS}")
+        need(len(self.layer_types) == self.num_layers,
+             f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = sorted({t for t in self.layer_types if t not in DENSE_LAYER_TYPES})
+        need(not bad, f"unknown layer types {bad}; expected {DENSE_LAYER_TYPES}")
+        need("sliding" not in self.layer_types or self.sliding_window is not None,
+             "sliding layers need a sliding_window")
+        for i in range(self.num_layers):
+            hd, kv = self.layer_head_dim(i), self.layer_kv_heads(i)
+            need(hd % 2 == 0, f"layer {i}: head_dim {hd} must be even (rotate-half RoPE)")
+            need(self.num_heads % kv == 0, f"layer {i}: num_heads {self.num_heads} not a multiple of kv heads {kv}")
+        need(self.dspark is None, "dense targets carry no dspark_* fields")
+        for t in self.eos_token_ids:
+            need(_is_int(t) and 0 <= t < self.vocab_size, f"eos token {t!r} outside the vocabulary")
+        need(self.bos_token_id is None or _is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,
+             f"bos_token_id {self.bos_token_id!r} outside the vocabulary")
+
+    # ------------------------------------------------------------------ per-layer values
+    def is_global(self, layer: int) -> bool:
+        return self.layer_types[layer] == "full"
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.global_head_dim if self.is_global(layer) and self.global_head_dim else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.global_num_kv_heads if self.is_global(layer) and self.global_num_kv_heads else self.num_kv_heads
+
+    def layer_rope(self, layer: int) -> DenseRope:
+        return self.rope if self.is_global(layer) or self.sliding_rope is None else self.sliding_rope
+
+    def layer_window(self, layer: int) -> int | None:
+        return None if self.is_global(layer) else self.sliding_window
+
+    def layer_k_eq_v(self, layer: int) -> bool:
+        return self.attention_k_eq_v and self.is_global(layer)
+
+    def layer_scale(self, layer: int) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.layer_head_dim(layer) ** -0.5
+
+    def replace(self, **changes) -> "DenseConfig":
+        return dataclasses.replace(self, **changes)
+
+    def truncated(self, num_layers: int) -> "DenseConfig":
+        """The same shapes with only the first `num_layers` layers."""
+        if not 0 < num_layers <= self.num_layers:
+            raise ValueError(f"num_layers override {num_layers} must be in 1..{self.num_layers}")
+        return self.replace(num_layers=num_layers, layer_types=self.layer_types[:num_layers])

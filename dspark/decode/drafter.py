@@ -33,7 +33,7 @@ import torch
 
 from dspark.decode.buffers import SlotState
 from dspark.model.batch import Batch
-from dspark.model.target import TargetOutput
+from dspark.model.protocol import TargetOutput
 
 
 @dataclass
