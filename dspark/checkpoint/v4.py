@@ -26,6 +26,7 @@ from dspark.checkpoint.reader import (CheckpointReader, describe, fp8_block_of, 
                                       read_tensor, scale_key)
 from dspark.checkpoint.v4_config import DSPARK_FIELDS, HF_DEFAULTS, config_to_dict, read_config
 from dspark.draft.v4 import V4DSparkDraft
+from dspark.model.parallel import Parallel, module_shapes, shard, shard_dims
 from dspark.model.target import DeepseekV4
 
 # Model (HF) name → upstream name. Top level:
@@ -206,7 +207,8 @@ def read_mtp_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ============================================================================ loading and saving
 def load_weights(model: nn.Module, checkpoint: str | Path | CheckpointReader, *, num_layers: int | None = None,
-                 load_mtp: bool = True, fp8_block: tuple[int, int] = (128, 128), sources=None) -> None:
+                 load_mtp: bool = True, fp8_block: tuple[int, int] = (128, 128), sources=None,
+                 parallel: Parallel = Parallel.single(), full: nn.Module | None = None) -> None:
     """Copy a checkpoint into `model` (HF tensor names), strictly, one tensor at a time.
 
     Checkpoint tensors of layers >= `num_layers`, and all `mtp.*` tensors unless `load_mtp`, are
@@ -214,19 +216,32 @@ def load_weights(model: nn.Module, checkpoint: str | Path | CheckpointReader, *,
     found, with matching shapes and compatible dtypes; otherwise ValueError lists the offenders
     before anything is copied. `sources(name, shape)` replaces the name mapping for models that
     read only the `mtp.*` namespace (the V4 DSpark draft); everything else is then skipped.
+
+    Sharded (`parallel` with world > 1): `model` is rank `parallel.rank`'s shard of `full`, the
+    single-process model (on the meta device is fine), which the checkpoint is checked against; only
+    this rank's blocks are copied (dspark.model.parallel). A routed expert's tensors are read only by
+    the rank that owns it; another sharded tensor is read whole, one at a time, and cut.
+    TODO(#18): read just the owned rows through safetensors' get_slice (CheckpointReader has no
+    slice read yet; FP8 block scales need the covering block rows).
     """
     if not isinstance(checkpoint, CheckpointReader):
         with CheckpointReader(checkpoint) as reader:
             return load_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
-                                sources=sources)
-    reader, state = checkpoint, model.state_dict()
-    plan = plan_weights(model, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
+                                sources=sources, parallel=parallel, full=full)
+    reader, state, full = checkpoint, model.state_dict(), model if full is None else full
+    plan = plan_weights(full, reader, num_layers=num_layers, load_mtp=load_mtp, fp8_block=fp8_block,
                         sources=sources)
+    dims = shard_dims(module_shapes(full), module_shapes(model), parallel.world)
     with torch.no_grad():
         for name, srcs in plan.items():
+            # Stacked experts split along dim 0: this rank's first expert.
+            first = parallel.rank * state[name].shape[0] if dims[name] == 0 else 0
             for src in srcs:
-                param = state[name] if src.part is None else _expert_slice(state[name], src)
-                param.copy_(read_tensor(reader, src.key, fp8_block))
+                if src.part is None:
+                    state[name].copy_(shard(read_tensor(reader, src.key, fp8_block), dims[name], parallel))
+                elif 0 <= src.expert - first < state[name].shape[0]:  # another rank's expert: never read
+                    _expert_slice(state[name], src._replace(expert=src.expert - first)).copy_(
+                        read_tensor(reader, src.key, fp8_block))
 
 
 def plan_weights(model: nn.Module, reader: CheckpointReader, *, num_layers: int | None = None,
@@ -319,13 +334,14 @@ def check_sizes(raw: dict, reader: CheckpointReader) -> None:
 
 
 def load_target(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               num_layers: int | None = None, kernels: str = "auto"):
+               num_layers: int | None = None, kernels: str = "auto", parallel: Parallel = Parallel.single()):
     """Build a `DeepseekV4` from a checkpoint directory (HF names, upstream names, or sharded FP8/FP4).
 
     `config.mtp_kind` follows the checkpoint's `mtp.*` tensors: an MTP module is built and loaded;
     DSpark stages are not modules (read them with `read_mtp_state`). `num_layers` builds only the
     first layers and skips the rest; `mtp.*` is then skipped too, since it continues the full-depth
     model. Weights are allocated once in `dtype` (fp32 islands stay fp32). `kernels`: `ModelConfig.kernels`.
+    `parallel`: build and fill only this rank's shard (`load_weights`).
     """
     raw = raw_config(path)
     with CheckpointReader(path) as reader:
@@ -345,8 +361,8 @@ def load_target(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{reader.path}: config.json's sizes build no model ({first})") from None
         plan_weights(meta, reader, **kw)
-        model = DeepseekV4.empty(config, dtype=dtype, device=device)
-        load_weights(model, reader, **kw)
+        model = DeepseekV4.empty(config, dtype=dtype, device=device, parallel=parallel)
+        load_weights(model, reader, **kw, parallel=parallel, full=meta)
     return model
 
 

@@ -15,7 +15,6 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from dspark import ops
 from dspark.decode.buffers import SlotState
@@ -87,7 +86,7 @@ class MTPDrafter(Drafter):
         gathering (true rows below p, chain rows from p) is this method's.
         """
         block, ids, k = self.target.mtp[self.depth], view.ids, self.num_draft_tokens
-        embed, head = self.target.model.embed_tokens, self.target.lm_head.weight.float()
+        embed, head = self.target.model.embed_tokens, self.target.head
         window = block.self_attn.window
         true_keys = []
 
@@ -104,7 +103,7 @@ class MTPDrafter(Drafter):
         @torch.no_grad()
         def propose(anchors: torch.Tensor) -> torch.Tensor:
             y = true_out[anchors - 1]  # [A, N, D]
-            logits, chain = [F.linear(block.hidden(y).float(), head)], []
+            logits, chain = [head(block.hidden(y))], []
             for j in range(1, k):
                 pos = anchors + j - 1
 
@@ -126,7 +125,7 @@ class MTPDrafter(Drafter):
 
                 tok = ids[anchors + j]
                 y = block.streams(y, embed(tok), tok, attend)
-                logits.append(F.linear(block.hidden(y).float(), head))
+                logits.append(head(block.hidden(y)))
             return torch.stack(logits, 1)
 
         return propose

@@ -17,6 +17,7 @@ from dspark.config import ModelConfig
 from dspark.model.batch import StepIndex
 from dspark.model.cache import LayerCache
 from dspark.model.layers import GroupedLinear, RMSNorm, RotaryTable, apply_rope, linear, unweighted_rms_norm
+from dspark.model.parallel import Parallel
 
 
 class IndexerTargets(NamedTuple):
@@ -180,10 +181,12 @@ class Indexer(Compressor):
 class Attention(nn.Module):
     """One V4 attention layer (sliding, CSA or HCA)."""
 
-    def __init__(self, config: ModelConfig, layer_type: str):
+    def __init__(self, config: ModelConfig, layer_type: str, parallel: Parallel = Parallel.single()):
         super().__init__()
         self.layer_type, self.kernels = layer_type, config.kernels
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        # Tensor parallel: this rank's heads and their output groups; the K=V latent is replicated (one KV head).
+        self.parallel = parallel
+        self.num_heads, self.head_dim = parallel.part(config.num_heads, "num_heads"), config.head_dim
         self.window = config.sliding_window
         self.eps = config.rms_norm_eps
         self.scale = config.head_dim ** -0.5
@@ -194,14 +197,14 @@ class Attention(nn.Module):
 
         self.q_a_proj = linear(config.hidden_size, config.q_lora_rank)
         self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.q_b_proj = linear(config.q_lora_rank, config.num_heads * config.head_dim)
+        self.q_b_proj = linear(config.q_lora_rank, self.num_heads * config.head_dim)
         self.kv_proj = linear(config.hidden_size, config.head_dim)
         self.kv_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.o_groups = config.o_groups
+        self.o_groups = parallel.part(config.o_groups, "o_groups")
         self.o_a_proj = GroupedLinear(config.num_heads * config.head_dim // config.o_groups,
-                                      config.o_groups * config.o_lora_rank, config.o_groups)
-        self.o_b_proj = linear(config.o_groups * config.o_lora_rank, config.hidden_size)
-        self.sinks = nn.Parameter(torch.empty(config.num_heads))
+                                      self.o_groups * config.o_lora_rank, self.o_groups)
+        self.o_b_proj = linear(self.o_groups * config.o_lora_rank, config.hidden_size)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
 
         self.compressor: Compressor | None = None
         if layer_type == "csa":
@@ -223,10 +226,11 @@ class Attention(nn.Module):
         return apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
     def project_out(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """o [..., H, hd] → [..., D]: undo the value rotation at the query position, grouped projection."""
+        """o [..., H, hd] → [..., D]: undo the value rotation at the query position, grouped projection
+        (with tensor parallelism: this rank's heads and groups, then the sum of every rank's part)."""
         o = apply_rope(o, cos.unsqueeze(-2), sin.unsqueeze(-2), inverse=True)
         grouped = o.flatten(-2).unflatten(-1, (self.o_groups, -1))  # [..., G, H·hd/G]
-        return self.o_b_proj(self.o_a_proj(grouped).flatten(-2))
+        return self.parallel.sum(self.o_b_proj(self.o_a_proj(grouped).flatten(-2)))
 
     def topk_entries(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      index_keys: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor | None = None
@@ -316,6 +320,9 @@ class Attention(nn.Module):
         """Full sequences from position 0, no cache: x [B, S, D] → [B, S, D].
 
         `collect` (training, CSA layers): appends `IndexerTargets` for the indexer's distillation."""
+        if collect is not None and self.parallel.world > 1:  # the attention mass averages over ALL heads
+            raise NotImplementedError("collect (indexer distillation targets) needs a single-process model, "
+                                      f"not parallel world {self.parallel.world}")
         b, s, _ = x.shape
         pos = torch.arange(s, device=x.device)
         cos, sin = self.rotary(pos.expand(b, s))

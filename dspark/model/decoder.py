@@ -19,6 +19,7 @@ from dspark.model.cache import LayerCache
 from dspark.model.layers import RMSNorm, RotaryTable, rope_inv_freq
 from dspark.model.mhc import HyperConnection, HyperHead
 from dspark.model.moe import MoE
+from dspark.model.parallel import Parallel
 
 # Parameters kept in fp32 whatever the model dtype (deepseek_v4.md §3): every norm weight, all mHC
 # parameters, sinks, compressor position biases and the router correction bias.
@@ -31,11 +32,11 @@ AttendFn = Callable[[Attention, torch.Tensor], torch.Tensor]
 class DecoderLayer(nn.Module):
     """Attention + MoE, each wrapped in an mHC collapse / expand of the N residual streams."""
 
-    def __init__(self, config: ModelConfig, layer_type: str, mlp_type: str):
+    def __init__(self, config: ModelConfig, layer_type: str, mlp_type: str, parallel: Parallel = Parallel.single()):
         super().__init__()
         self.kernels = config.kernels
-        self.self_attn = Attention(config, layer_type)
-        self.mlp = MoE(config, mlp_type)
+        self.self_attn = Attention(config, layer_type, parallel)
+        self.mlp = MoE(config, mlp_type, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn_hc = HyperConnection(config)

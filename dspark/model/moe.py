@@ -8,6 +8,7 @@ from torch import nn
 from dspark import ops
 from dspark.config import ModelConfig
 from dspark.model.layers import linear
+from dspark.model.parallel import Parallel
 
 
 class Router(nn.Module):
@@ -35,27 +36,39 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stored stacked: gate_up_proj [E, 2I, D] (rows [:I] gate, [I:] up), down_proj [E, D, I]."""
+    """Routed experts stored stacked: gate_up_proj [E, 2I, D] (rows [:I] gate, [I:] up), down_proj [E, D, I].
 
-    def __init__(self, config: ModelConfig):
+    With expert parallelism a rank stores experts [first, first + E/P) and computes only their share."""
+
+    def __init__(self, config: ModelConfig, parallel: Parallel = Parallel.single()):
         super().__init__()
-        e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        e = parallel.part(config.n_routed_experts, "n_routed_experts")
+        i, d = config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         self.limit = config.swiglu_limit
         self.kernels = config.kernels
+        self.first, self.distributed = parallel.rank * e, parallel.world > 1
 
     def forward(self, x, weights, indices):
+        """indices [N, K] over all E experts → this rank's experts' weighted sum [N, D]."""
+        if self.distributed:  # slots routed to another rank's experts route nowhere here
+            local = indices - self.first
+            indices = torch.where((local >= 0) & (local < self.gate_up_proj.shape[0]), local, -1)
         # ops.experts picks the path (training: grouped; inference: kernels, dense or reference).
         return ops.experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.limit, kernels=self.kernels)
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """One always-on SwiGLU expert; with parallelism a rank holds a slice of its intermediate width
+    (SwiGLU is elementwise there), so its output is a partial sum like the routed experts'."""
+
+    def __init__(self, config: ModelConfig, parallel: Parallel = Parallel.single()):
         super().__init__()
-        self.gate_proj = linear(config.hidden_size, config.moe_intermediate_size)
-        self.up_proj = linear(config.hidden_size, config.moe_intermediate_size)
-        self.down_proj = linear(config.moe_intermediate_size, config.hidden_size)
+        inter = parallel.part(config.moe_intermediate_size, "moe_intermediate_size")
+        self.gate_proj = linear(config.hidden_size, inter)
+        self.up_proj = linear(config.hidden_size, inter)
+        self.down_proj = linear(inter, config.hidden_size)
         self.limit = config.swiglu_limit
 
     def forward(self, x):
@@ -63,11 +76,12 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, kind: str):
+    def __init__(self, config: ModelConfig, kind: str, parallel: Parallel = Parallel.single()):
         super().__init__()
-        self.gate = Router(config, kind)
-        self.experts = Experts(config)
-        self.shared_experts = SharedExpert(config)
+        self.gate = Router(config, kind)  # replicated: every rank routes every token identically
+        self.experts = Experts(config, parallel)
+        self.shared_experts = SharedExpert(config, parallel)
+        self.parallel = parallel
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor | None = None,
                 expert_load: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,4 +98,4 @@ class MoE(nn.Module):
             live = indices >= 0
             expert_load.scatter_add_(0, indices.clamp(min=0).flatten(), live.flatten().to(expert_load.dtype))
         routed = self.experts(flat, weights, indices).view_as(x)
-        return routed + self.shared_experts(x)
+        return self.parallel.sum(routed + self.shared_experts(x))  # one combine for both partials

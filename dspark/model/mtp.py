@@ -18,14 +18,15 @@ import torch
 from dspark.config import ModelConfig
 from dspark.model.layers import RMSNorm, linear
 from dspark.model.mhc import HyperHead
+from dspark.model.parallel import Parallel
 from dspark.model.batch import Batch, StepIndex
 from dspark.model.cache import TargetCache
 from dspark.model.decoder import AttendFn, DecoderLayer, cached_attend, dense_attend
 
 
 class MTPBlock(DecoderLayer):
-    def __init__(self, config: ModelConfig):
-        super().__init__(config, layer_type="sliding", mlp_type="score")
+    def __init__(self, config: ModelConfig, parallel: Parallel = Parallel.single()):
+        super().__init__(config, layer_type="sliding", mlp_type="score", parallel=parallel)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.e_proj = linear(config.hidden_size, config.hidden_size)
@@ -51,8 +52,7 @@ def mtp_forward(target, hidden_streams: torch.Tensor, next_ids: torch.Tensor, de
     """
     block: MTPBlock = target.mtp[depth]
     out = block.streams(hidden_streams, target.model.embed_tokens(next_ids), next_ids)
-    h = block.hidden(out)
-    return torch.nn.functional.linear(h.float(), target.lm_head.weight.float()), out
+    return target.head(block.hidden(out)), out
 
 
 def mtp_forward_batch(target, hidden_streams: torch.Tensor, batch: Batch, cache: TargetCache, depth: int = 0):
@@ -63,5 +63,4 @@ def mtp_forward_batch(target, hidden_streams: torch.Tensor, batch: Batch, cache:
     attend = cached_attend(StepIndex(batch), cache.mtp[depth], cache.block_table, cache.dummy_slot)
     out = block.streams(hidden_streams, target.model.embed_tokens(batch.input_ids), batch.input_ids, attend,
                         batch.valid)
-    h = block.hidden(out[batch.logits_rows])
-    return torch.nn.functional.linear(h.float(), target.lm_head.weight.float()), out
+    return target.head(block.hidden(out[batch.logits_rows])), out

@@ -9,7 +9,6 @@ cached / ragged path is tested against.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,46 +21,47 @@ from dspark.model.decoder import (DecoderLayer, cached_attend, cast_keeping_fp32
 from dspark.model.layers import RMSNorm, linear
 from dspark.model.mhc import HyperHead
 from dspark.model.mtp import MTPBlock
+from dspark.model.parallel import Parallel
+from dspark.model.protocol import TargetOutput, check_input_ids
 
 class Backbone(nn.Module):
     """HF's `model.*` namespace: embeddings, decoder layers, final collapse and norm."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel = Parallel.single()):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated
         self.layers = nn.ModuleList(
-            DecoderLayer(config, lt, mt) for lt, mt in zip(config.layer_types, config.mlp_layer_types))
+            DecoderLayer(config, lt, mt, parallel) for lt, mt in zip(config.layer_types, config.mlp_layer_types))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hc_head = HyperHead(config)
 
 
-class TargetOutput(NamedTuple):
-    logits: torch.Tensor  # [B, S, V] fp32
-    streams: torch.Tensor  # [B, S, N, D] last layer's output streams, before hc_head / norm (the MTP input)
-    taps: dict[int, torch.Tensor]  # layer index → that layer's output, mean over the N streams [B, S, D]
-
-
 class DeepseekV4(nn.Module):
-    """DeepSeek-V4 causal LM (+ its MTP module when the checkpoint has one)."""
+    """DeepSeek-V4 causal LM (+ its MTP module when the checkpoint has one).
 
-    def __init__(self, config: ModelConfig):
+    `parallel` shards it over a torch.distributed group (dspark.model.parallel: heads, o-groups, experts,
+    LM-head rows); every rank then runs the same forwards on the same inputs and gets the same full logits."""
+
+    def __init__(self, config: ModelConfig, parallel: Parallel = Parallel.single()):
         super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        self.lm_head = linear(config.hidden_size, config.vocab_size)
+        parallel.check(config)
+        self.config, self.parallel = config, parallel
+        self.model = Backbone(config, parallel)
+        self.lm_head = linear(config.hidden_size, parallel.part(config.vocab_size, "vocab_size"))
         if config.mtp_kind == "mtp":
-            self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_mtp_layers))
+            self.mtp = nn.ModuleList(MTPBlock(config, parallel) for _ in range(config.num_mtp_layers))
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def empty(cls, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> "DeepseekV4":
-        """Uninitialised weights allocated once on `device` in `dtype` (fp32 islands stay fp32).
+    def empty(cls, config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              parallel: Parallel = Parallel.single()) -> "DeepseekV4":
+        """Uninitialised weights (this rank's shard with `parallel`) allocated once on `device` in `dtype`
+        (fp32 islands stay fp32).
 
         Built on the meta device first, so no fp32 copy of a large model ever exists.
         """
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, parallel)
         model.to_dtype(dtype)
         model.to_empty(device=device)
         model.reset_buffers()
@@ -78,13 +78,14 @@ class DeepseekV4(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", num_layers: int | None = None,
-                        kernels: str = "auto") -> "DeepseekV4":
+                        kernels: str = "auto", parallel: Parallel = Parallel.single()) -> "DeepseekV4":
         """Load an HF-named, upstream-named or sharded FP8/FP4 checkpoint directory: the README's entry
         point, a facade over `dspark.checkpoint.load_target` (the one import against the package order,
         allowed by name in tests/test_imports.py)."""
         from dspark.checkpoint import load_target
 
-        return load_target(path, dtype=dtype, device=device, num_layers=num_layers, kernels=kernels)
+        return load_target(path, dtype=dtype, device=device, num_layers=num_layers, kernels=kernels,
+                           parallel=parallel)
 
     def new_cache(self, *, max_batch: int, max_seq_len: int, max_provisional: int = 1, page_size: int | None = None,
                   memory_budget: int | None = None, with_mtp: bool = False) -> TargetCache:
@@ -114,21 +115,7 @@ class DeepseekV4(nn.Module):
     # ---------------------------------------------------------------- dense forward
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """API-boundary validation (host sync): shape, dtype, vocabulary range, length."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [B, S] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty (sequence length 0)")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        if torch.compiler.is_compiling():  # the value check reads the ids back to the host: eager only
-            return
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size})")
+        check_input_ids(self.config, input_ids)
 
     def run(self, input_ids: torch.Tensor, tap_layers: tuple[int, ...] = (), *, collect: list | None = None,
             expert_load: torch.Tensor | None = None) -> TargetOutput:
@@ -153,8 +140,12 @@ class DeepseekV4(nn.Module):
 
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
         """Last-layer streams [..., N, D] → fp32 logits [..., V]."""
-        h = self.model.norm(self.model.hc_head(streams))
-        return torch.nn.functional.linear(h.float(), self.lm_head.weight.float())
+        return self.head(self.model.norm(self.model.hc_head(streams)))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden [..., D] → fp32 logits [..., V] over the whole vocabulary (the LM head shared
+        by the MTP); with parallelism each rank's vocabulary rows, gathered onto every rank."""
+        return self.parallel.concat(torch.nn.functional.linear(h.float(), self.lm_head.weight.float()))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] (positions 0..S−1, no cache) → fp32 logits [B, S, V]."""
