@@ -151,6 +151,39 @@ def listing(names: list[str], limit: int = 10) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+def load_state_strictly(model: torch.nn.Module, path: str | Path, *, shared: dict[str, torch.Tensor | None],
+                        shared_as: str, what: str) -> None:
+    """Copy the checkpoint at `path` into `model`'s state_dict (parameters and buffers) in place, casting
+    to its dtypes; a tensor the checkpoint lacks comes from `shared` (name → tensor or None) if given there,
+    reported as "{shared_as} {module}". Missing, unexpected, mis-shaped and non-float tensors are all
+    reported by name, as "cannot load {what} {path}: ...", before anything is copied."""
+    with CheckpointReader(path) as reader:
+        state = model.state_dict()
+        missing, misshaped, bad = [], [], []
+        for name, param in state.items():
+            if name in reader:
+                shape, ok, source = reader.shape(name), reader.dtype(name).is_floating_point, name
+            elif shared.get(name) is not None:
+                shape, ok = tuple(shared[name].shape), shared[name].is_floating_point()
+                source = f"{shared_as} {name.split('.')[0]}"
+            else:
+                missing.append(name)
+                continue
+            if shape != tuple(param.shape):
+                misshaped.append(f"{source} {list(shape)} (needs {list(param.shape)})")
+            elif not ok:
+                bad.append(f"{source} is not floating point")
+        unexpected = [k for k in reader.keys() if k not in state]
+        errors = [f"{len(v)} {kind}: {listing(v)}" for kind, v in
+                  (("missing tensors", missing), ("unexpected tensors", unexpected),
+                   ("mis-shaped tensors", misshaped), ("bad tensors", bad)) if v]
+        if errors:
+            raise ValueError(f"cannot load {what} {path}: " + "; ".join(errors))
+        with torch.no_grad():
+            for name, param in state.items():
+                param.copy_(reader.get(name) if name in reader else shared[name])
+
+
 def scale_key(key: str) -> str | None:
     """Upstream FP8/FP4 scales hang off the projection: `x.wq_a.weight` ↔ `x.wq_a.scale`."""
     return key[: -len(".weight")] + ".scale" if key.endswith(".weight") else None

@@ -15,8 +15,12 @@ from typing import Callable
 
 from dspark.decode.block import BlockDrafter
 from dspark.decode.drafter import Drafter
+from dspark.decode.eagle3 import Eagle3Drafter
 from dspark.decode.mtp import MTPDrafter
 from dspark.decode.ngram import NgramDrafter
+from dspark.draft.deepspec import DraftModel
+from dspark.draft.eagle3 import Eagle3Draft
+from dspark.draft.v4 import V4DSparkDraft
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Method:
     needs_mtp: bool  # the target's MTP module, and the MTP window ring in the target cache
     default_draft_tokens: int | None  # γ when none is asked for; None: the draft's block size
     help: str
+    trainable: bool = True  # for draft methods: our recipe trains the draft (train-draft --kind, nano's bundle)
 
     def draft_tokens(self, draft, requested: int | None) -> tuple[int, int]:
         """(γ drafted per round, most drafts verified per round) for `requested` (None: the default).
@@ -55,6 +60,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dflash", BlockDrafter.build, True, False, None, "DFlash: " + _BLOCK.format("dflash") + " a parallel block"),
     Method("dflash-l1", BlockDrafter.build, True, False, None, "DFlash trained with the L1 term"),
     Method("dspark-v4", BlockDrafter.build, True, False, None, "DSpark in the V4 release layout (mtp.* stages)"),
+    Method("eagle3", Eagle3Drafter.build, True, False, None, "EAGLE-3 (DeepSpec's layout): a one-layer draft over "
+           "fused target taps chains ttt_length tokens", trainable=False),
 )}
 
 
@@ -69,7 +76,21 @@ def get(name: str | Method) -> Method:
 
 
 def draft_methods() -> tuple[str, ...]:
-    return tuple(name for name, m in METHODS.items() if m.needs_draft)
+    """The draft kinds our recipe trains (eagle3 drafts come from DeepSpec's releases, not from us)."""
+    return tuple(name for name, m in METHODS.items() if m.needs_draft and m.trainable)
 
 
-__all__ = ["METHODS", "Method", "draft_methods", "get"]
+def draft_method(draft) -> str:
+    """The decoding method of a draft `checkpoint.load_draft` built: its class and heads, which the
+    loader chose from config.json (DeepSpec's architectures / the V4 release's mtp.* stages)."""
+    if isinstance(draft, V4DSparkDraft):
+        return "dspark-v4"
+    if isinstance(draft, DraftModel):
+        # A DeepSpec config names one architecture for both; DSpark is the one with a Markov head.
+        return "dspark" if draft.has_markov_head else "dflash"
+    if isinstance(draft, Eagle3Draft):
+        return "eagle3"
+    raise ValueError(f"no decoding method is known for a {type(draft).__name__} draft")
+
+
+__all__ = ["METHODS", "Method", "draft_method", "draft_methods", "get"]

@@ -1,4 +1,5 @@
-"""DSpark / DFlash block drafters in DeepSpec's `Qwen3DSparkModel` layout (dspark.md §1–§3).
+"""DSpark / DFlash block drafters in DeepSpec's `Qwen3DSparkModel` and `Gemma4DSparkModel` layouts
+(dspark.md §1–§3).
 
 Vocabulary: R requests (inference rows), B sequences, S context rows, K blocks (anchors) per
 sequence, γ block size, d hidden, F context width (taps × target hidden), H / H_kv query and KV
@@ -10,6 +11,11 @@ heads, hd head dim, V vocabulary, r Markov rank.
                attention sees [context rows t < p ; all γ block rows], no causal mask; h = norm(X)
     heads      U = lm_head(h); Ũ_i = U_i + W2·x_i with x_i from the previous token (vanilla), gated
                by h_i (gated), or an RNN over the block (rnn); z_i = proj([h_i ; W1[prev_i]])
+
+The Gemma 4 layout is the same model with named deltas (DraftConfig): token embeddings × sqrt(d),
+attention scale 1 over keys normed per head, values = the raw keys (k_eq_v, no v_proj) put through a
+scale-free RMSNorm, RoPE on a fraction of each head ("proportional"), norms on the attention and MLP
+outputs too with a per-layer `layer_scalar`, a tanh-GELU MLP and soft-capped logits.
 
 Slot i predicts the token at p+i+1; its previous token is the one at p+i (slot 0: the anchor).
 Inference keeps per-request context K/V (`context_kv`) and runs `block_hidden` on the valid rows;
@@ -33,7 +39,14 @@ from dspark.model.layers import RMSNorm
 from dspark.draft.heads import BlockHeads, ConfidenceHead, MarkovHead
 from dspark.draft.protocol import TrainOutput, block_label_index
 
-def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _scale_free_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma 4's v_norm: RMSNorm without weight, product in fp32, cast once (`unweighted_rms_norm` multiplies
+    in x's dtype, which differs in bf16)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Qwen3 (NeoX) rotary embedding in fp32: x [..., T, heads, hd], cos/sin [..., T, hd/2]."""
     half = x.shape[-1] // 2
     xf = x.float()
@@ -49,17 +62,22 @@ class DraftAttention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.scale = hd ** -0.5 if config.attention_scale is None else config.attention_scale
+        self.value_norm_eps = config.rms_norm_eps if config.value_norm else None
         self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = None if config.k_eq_v else nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def context_kv(self, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c [..., T, d] (context rows, or normed block rows) → k, v [..., T, H_kv, hd]; k normed and rotated."""
-        k = self.k_norm(self.k_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        return _rotate_half(k, cos, sin), self.v_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k = self.k_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = k if self.v_proj is None else self.v_proj(c).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.value_norm_eps is not None:
+            v = _scale_free_rms_norm(v, self.value_norm_eps)
+        return rotate_half(self.k_norm(k), cos, sin), v
 
     def forward(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
                 ctx_v: torch.Tensor, ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
@@ -70,12 +88,12 @@ class DraftAttention(nn.Module):
         s = ctx_k.shape[1]
         groups = self.num_heads // self.num_kv_heads
         q = self.q_norm(self.q_proj(y).unflatten(-1, (self.num_heads, self.head_dim)))
-        q = _rotate_half(q, cos, sin).unflatten(-2, (self.num_kv_heads, groups))  # [N, Q, γ, H_kv, G, hd]
+        q = rotate_half(q, cos, sin).unflatten(-2, (self.num_kv_heads, groups))  # [N, Q, γ, H_kv, G, hd]
         k, v = self.context_kv(y, cos, sin)  # [N, Q, γ, H_kv, hd]
 
         s_ctx = torch.einsum("nqtkgd,nskd->nqkgts", q, ctx_k)  # [N, Q, H_kv, G, γ, S]
         s_blk = torch.einsum("nqtkgd,nqukd->nqkgtu", q, k)  # [N, Q, H_kv, G, γ, γ]
-        scores = torch.cat([s_ctx, s_blk], dim=-1).float() * self.head_dim ** -0.5
+        scores = torch.cat([s_ctx, s_blk], dim=-1).float() * self.scale
         allowed = torch.cat([ctx_mask, blk_valid.unsqueeze(-1).expand(n, nq, g)], dim=-1)  # [N, Q, S+γ]
         # A finite fill, not -inf: a row with no allowed key (dummy block) gets uniform weights and
         # a zeroed output below, so neither the forward nor the backward pass ever sees NaN.
@@ -93,29 +111,80 @@ class DraftMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tanh_gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.tanh_gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DraftLayer(nn.Module):
-    """Qwen3 pre-norm decoder layer over block rows; the context enters only as K/V."""
+    """Pre-norm decoder layer over block rows (Qwen3; Gemma 4 adds output norms); the context enters only as K/V.
+
+    NOTE: `post_attention_layernorm` is the MLP's input norm in Qwen3 but the attention output's norm in
+    Gemma 4 (whose MLP input norm is `pre_feedforward_layernorm`): the checkpoint names decide.
+    """
 
     def __init__(self, config: DraftConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps)
         self.self_attn = DraftAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = DraftMLP(config)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps)
+            self.post_feedforward_layernorm = RMSNorm(d, eps)
+            # A checkpoint buffer (1.0 in DeepSpec's drafts, never trained) that scales the layer's output.
+            self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,
                 ctx_v: torch.Tensor, ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
         """x [N, Q, γ, d] residual stream → the stream after the attention and MLP residual adds."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, blk_valid)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, blk_valid)
+        if not self.sandwich_norms:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
 
 
-class DraftModel(BlockHeads, nn.Module):
+class TokenIO:
+    """What DeepSpec's draft layouts (DSpark / DFlash and EAGLE-3) compute alike from the config's layout fields
+    (rope_theta, rope_fraction, embed_scale, logit_softcap) and the `embed_tokens` / `lm_head` they hold."""
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] → cos, sin [..., hd/2] fp32 (HF's default / proportional inv_freq, built on the device):
+        the first ⌊rope_fraction·hd/2⌋ pairs rotate at frequencies over hd, the rest get frequency 0."""
+        hd = self.config.head_dim
+        rotated = int(self.config.rope_fraction * hd // 2)  # HF's int(partial_rotary_factor * head_dim // 2)
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, 2 * rotated, 2, device=positions.device,
+                                                                  dtype=torch.float32) / hd))
+        inv_freq = F.pad(inv_freq, (0, hd // 2 - rotated))
+        freqs = positions.float().unsqueeze(-1) * inv_freq
+        return freqs.cos(), freqs.sin()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] → token embeddings [..., d] × embed_scale (rounded to the weights' dtype, as Gemma)."""
+        x = self.embed_tokens(ids)
+        if self.config.embed_scale == 1.0:
+            return x
+        return x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d] → U = lm_head(h) [..., V] fp32, soft-capped if the config says so (in the weights' dtype,
+        as DeepSpec)."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+
+class DraftModel(TokenIO, BlockHeads, nn.Module):
     """The draft; state_dict names are DeepSpec's checkpoint names (dspark.md §9)."""
 
     def __init__(self, config: DraftConfig):
@@ -147,7 +216,7 @@ class DraftModel(BlockHeads, nn.Module):
     def random(cls, config: DraftConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> "DraftModel":
         """Non-trivial random weights (the fixture's recipe): linear N(0, 1/fan_in), embeddings N(0, 1),
-        biases N(0, 0.25²), norm weights U(0.5, 1.5)."""
+        biases N(0, 0.25²), norm weights U(0.5, 1.5); buffers (`layer_scalar`) 1."""
         model = cls.empty(config, device="cpu")
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -160,6 +229,8 @@ class DraftModel(BlockHeads, nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen))
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+            for b in model.buffers():
+                b.fill_(1.0)
         return model.to(dtype=dtype, device=device)
 
     @classmethod
@@ -174,14 +245,6 @@ class DraftModel(BlockHeads, nn.Module):
                           kernels=kernels)
 
     # ------------------------------------------------------------------ backbone
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] → cos, sin [..., hd/2] fp32 (HF's default inv_freq, built on the device)."""
-        hd = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=positions.device,
-                                                                  dtype=torch.float32) / hd))
-        freqs = positions.float().unsqueeze(-1) * inv_freq
-        return freqs.cos(), freqs.sin()
-
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         """Tapped target features [..., F] → context rows C [..., d] = hidden_norm(fc(features))."""
         if features.shape[-1] != self.config.context_width:
@@ -192,13 +255,13 @@ class DraftModel(BlockHeads, nn.Module):
 
     def context_kv(self, c: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Context rows C [..., N, d] at absolute `positions` [..., N] → per layer (k, v) [..., N, H_kv, hd]."""
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         return [layer.self_attn.context_kv(c, cos, sin) for layer in self.layers]
 
     def _blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
                 ctx_mask: torch.Tensor, blk_valid: torch.Tensor) -> torch.Tensor:
         """x [N, Q, γ, d] block embeddings at positions [N, Q, γ] → post-norm h [N, Q, γ, d]."""
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, cos, sin, k, v, ctx_mask, blk_valid)
         return self.norm(x)
@@ -213,14 +276,14 @@ class DraftModel(BlockHeads, nn.Module):
         """
         keep = ctx_valid[:, :, None, None]
         ctx_kv = [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in ctx_kv]
-        x = self.embed_tokens(block_ids).unsqueeze(1)  # [R, 1, γ, d]
+        x = self.embed(block_ids).unsqueeze(1)  # [R, 1, γ, d]
         blk_valid = torch.ones_like(block_ids[:, :1], dtype=torch.bool)  # [R, 1]
         return self._blocks(x, block_pos.unsqueeze(1), ctx_kv, ctx_valid.unsqueeze(1), blk_valid)[:, 0]
 
     # ------------------------------------------------------------------ heads
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [..., d] → U = lm_head(h) [..., V] fp32 (product in the weights' dtype, as DeepSpec)."""
-        return self.lm_head(h).float()
+        """h [..., d] → U = lm_head(h) [..., V] fp32 (`head_logits`)."""
+        return self.head_logits(h)
 
     # ------------------------------------------------------------------ engine protocol (dspark/decode/dspark.py)
     @property
@@ -284,7 +347,7 @@ class DraftModel(BlockHeads, nn.Module):
         block_ids = torch.cat([first.unsqueeze(-1), mask_ids[..., 1:]], dim=-1)  # [B, K, γ]
         ctx_mask = (ctx_pos.unsqueeze(1) < anchors.unsqueeze(-1)) & keep.unsqueeze(-1)  # [B, K, S]
 
-        h = self._blocks(self.embed_tokens(block_ids), positions, ctx_kv, ctx_mask, keep)  # [B, K, γ, d]
+        h = self._blocks(self.embed(block_ids), positions, ctx_kv, ctx_mask, keep)  # [B, K, γ, d]
         labels = input_ids.gather(1, block_label_index(anchors, keep, s, cfg.block_size).flatten(1))
         labels = labels.view(b, k, cfg.block_size)
         prev = torch.cat([block_ids[..., :1], labels[..., :-1]], dim=-1)  # [B, K, γ]

@@ -28,10 +28,13 @@ HEADS = {
     "conf_no_markov": dict(markov_rank=0, confidence_with_markov=False),
 }
 MARKOV_HEADS = ("vanilla", "gated", "rnn")
+# DeepSpec's Gemma 4 layout (vanilla head, confidence head): values from k_proj, or from their own v_proj.
+GEMMA4 = {"gemma4": dict(), "gemma4_v_proj": dict(k_eq_v=False, num_kv_heads=2)}
 
 
 def make(head: str, seed: int = 0) -> DraftModel:
-    return DraftModel.random(DraftConfig.tiny(**HEADS[head]), seed=seed)
+    cfg = DraftConfig.tiny_gemma4(**GEMMA4[head]) if head in GEMMA4 else DraftConfig.tiny(**HEADS[head])
+    return DraftModel.random(cfg, seed=seed)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -69,6 +72,12 @@ def sampling_args(r: int, temperature: float, top_k: int = 0, top_p: float = 1.0
     (dict(markov_head_type="lstm"), "markov_head_type"),
     (dict(markov_rank=0), "confidence_with_markov"),
     (dict(has_confidence_head=1), "bool"),
+    (dict(hidden_act="relu"), "hidden_act"),
+    (dict(attention_scale=0.0), "attention_scale"),
+    (dict(logit_softcap=-1.0), "logit_softcap"),
+    (dict(rope_fraction=0.0), "rope_fraction"),
+    (dict(embed_scale=0), "embed_scale"),
+    (dict(k_eq_v=1), "bool"),
 ])
 def test_config_refusals(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -88,7 +97,7 @@ def test_state_dict_names_are_deepspecs():
 
 
 # ============================================================================ backbone
-@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+@pytest.mark.parametrize("head", ["vanilla", "rnn", "gemma4"])
 def test_block_hidden_masks_invalid_rows(head):
     """Padded per-request caches with NaN garbage give the compact results; a request with no
     context row attends to its block only."""
@@ -112,7 +121,7 @@ def test_block_hidden_masks_invalid_rows(head):
         assert_close(h[r], alone[0], what=f"request {r} with {n} context rows")
 
 
-@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn", "dflash"])
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn", "dflash", *GEMMA4])
 def test_forward_train_matches_inference(head):
     """Each kept training block equals an inference call with context rows 0..p−1 and teacher-forced
     prev; dummy blocks stay finite."""
@@ -308,7 +317,7 @@ def checkpoint(path: Path, model: DraftModel, *, config: dict | None = None, dro
     return path
 
 
-@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("head", [*HEADS, *GEMMA4])
 def test_save_load_round_trip(tmp_path, head):
     model = make(head)
     loaded = DraftModel.from_pretrained(checkpoint(tmp_path, model))

@@ -20,6 +20,7 @@ from dspark import ops
 from dspark.draft.deepspec import DraftModel
 from dspark.train.loss import LossConfig, aligned_target_logits, build_eval_mask, dspark_loss
 from tests.compare import assert_close
+from tests.helpers.deepspec_golden import context_cache, greedy_block, proposal_length
 
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "deepspec_golden"
 CASES = ("dspark_vanilla", "dspark_gated", "dspark_rnn", "dflash")
@@ -33,26 +34,6 @@ pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"DeepSpec golden fi
 def case(request):
     model = DraftModel.from_pretrained(GOLDEN / request.param / "checkpoint", dtype=torch.float32)
     return request.param, model, load_file(GOLDEN / request.param / "golden.safetensors")
-
-
-def context_cache(model: DraftModel, features: torch.Tensor, start: int):
-    """Per-layer (k, v) [1, N, H_kv, hd] for context rows at positions start..start+N−1."""
-    kv = model.context_kv(model.project_context(features), torch.arange(start, start + features.shape[0]))
-    return [(k[None], v[None]) for k, v in kv]
-
-
-def greedy_block(model: DraftModel, U: torch.Tensor, h: torch.Tensor, anchor: torch.Tensor):
-    r = U.shape[0]
-    return model.sample_block(U, h, anchor, torch.zeros(r), torch.zeros(r, dtype=torch.long), torch.ones(r),
-                              torch.full((r, GAMMA), 0.5))
-
-
-def proposal_length(conf_logits: torch.Tensor | None, tau: float) -> int:
-    """DeepSpec's evaluator: the first slot with σ(z_i) < τ (per slot, not cumulative); γ if none or τ ≤ 0."""
-    if conf_logits is None or tau <= 0:
-        return GAMMA
-    below = [i for i, c in enumerate(torch.sigmoid(conf_logits).tolist()) if c < tau]
-    return below[0] if below else GAMMA
 
 
 def test_checkpoint_config(case):
@@ -116,7 +97,7 @@ def test_round1_greedy_block(case):
     else:
         assert_close(conf[0], g["conf_logits_greedy"], what="greedy confidence logits")
         assert_close(torch.sigmoid(conf[0]), g["conf_probs_greedy"], what="greedy confidence")
-    lens = [proposal_length(None if conf is None else conf[0], tau) for tau in g["conf_thresholds"].tolist()]
+    lens = [proposal_length(None if conf is None else conf[0], tau, GAMMA) for tau in g["conf_thresholds"].tolist()]
     assert lens == g["proposal_lens"].tolist()
 
 
