@@ -22,6 +22,10 @@ examples:
   dspark generate --prompt "def fibonacci(n):" --max-tokens 32
   dspark generate --prompt "a" --prompt "b" --temperature 0.8 --top-p 0.95 --seed 1
   dspark generate --model ./DeepSeek-V4-Flash --method mtp --prompt-file prompt.txt --stop "return"
+  dspark generate --model ./Qwen3-8B --draft ./dspark_qwen3_8b_block7 --method dspark --chat "What is 12 * 7?"
+
+--chat wraps each text as one user message and renders it with the checkpoint's own chat template
+(chat_template.jinja or tokenizer_config.json's), as transformers' apply_chat_template does.
 
 The text goes to stdout (streamed for one prompt; control characters are shown escaped on a
 terminal); progress and a final stats line (method, tokens, seconds, tok/s, rounds, tau = mean
@@ -95,15 +99,20 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = _prompts(args)
+    if args.chat and (args.prompt or args.prompt_file):
+        raise ValueError("--chat and --prompt / --prompt-file exclude each other")
+    prompts = args.chat or _prompts(args)
     # Check the sampling values before loading a model that may take minutes (no stop token
     # ids come from the command line, so the vocabulary size does not matter here).
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    max_tokens=args.max_tokens)
     if args.model is not None and not Path(args.model).is_dir():
         raise ValueError(f"--model: no checkpoint directory at {args.model}")
+    if args.draft is not None and not Path(args.draft).is_dir():
+        raise ValueError(f"--draft: no draft checkpoint directory at {args.draft}")
     # A random preset says so on stderr itself, before anything is generated.
-    llm = LLM(args.model or args.preset or default_model(), method=args.method, num_draft_tokens=args.num_draft_tokens,
+    llm = LLM(args.model or args.preset or default_model(), method=args.method, draft=args.draft,
+              num_draft_tokens=args.num_draft_tokens,
               dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler,
               cuda_graphs=args.cuda_graphs, kernels=args.kernels)
     streaming = len(prompts) == 1
@@ -125,8 +134,13 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
         progress.update(tokens, time.perf_counter() - start)
 
-    results = llm.generate(prompts, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, stop=args.stop, on_text=on_text)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, stop=args.stop, on_text=on_text)
+    if args.chat:
+        results = llm.chat([[{"role": "user", "content": text}] for text in args.chat],
+                           enable_thinking=args.thinking, **sampling)
+    else:
+        results = llm.generate(prompts, **sampling)
     elapsed = time.perf_counter() - start
     progress.done()
     if streaming:
@@ -260,6 +274,17 @@ EVAL_EPILOG = """\
 examples:
   dspark eval --run /tmp/nano-smoke --files 4 --max-tokens 32
   dspark eval --run runs/nano --methods ar mtp-1 dspark --temperatures 1 --threads 2
+  dspark eval --model ./Qwen3-8B --draft ./dspark_qwen3_8b_block7,./dflash_qwen3_8b_block7 \\
+      --bench DeepSpec/eval_datasets/gsm8k.jsonl,DeepSpec/eval_datasets/mt-bench.jsonl --device cuda --dtype bf16
+
+With --bench (chat benchmarks, DeepSpec's rules; every rule and its source in dspark/eval/bench.py):
+each JSONL row's first turn is one user message rendered with the model's chat template (thinking
+off), decoded at batch 1 with full blocks, T = 1, up to 2048 new tokens, seed 980406 (sample i:
+980406 + i; DeepSpec's sample caps per known benchmark name). Columns: ar, ngram, mtp (when the
+target has an MTP module) and one per --draft, its method read from its config.json; a method asked
+for in --methods without its draft is left out with a note. Writes OUT/bench.json and OUT/bench.md.
+
+Without --bench (a nano run):
 
 Writes OUT/eval.json (every number and its definition), OUT/table.md (printed too), OUT/tau.png,
 OUT/acceptance.png and OUT/traces.jsonl (one line per decode round, for a serving simulator).
@@ -270,20 +295,57 @@ anchor and the acceptance is computed exactly from the target and draft distribu
 CPU wall-clock ratio against ar in the same run, not a GPU figure."""
 
 
+def _comma_list(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated values as one list (`--bench a.jsonl,b.jsonl --bench c.jsonl`)."""
+    return [v for value in values or () for v in value.split(",") if v]
+
+
 def cmd_eval(args) -> int:
-    from dspark.eval import EvalConfig, evaluate, markdown_table
+    from dspark.eval import METHODS as EVAL_METHODS, EvalConfig, evaluate, markdown_table
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench or args.model:
+        return _eval_bench(args)
+    if args.run is None:
+        raise ValueError("eval needs --run DIR (a nano run) or --model DIR --bench FILE.jsonl (chat benchmarks)")
+    methods = _comma_list(args.methods) or list(EVAL_METHODS)
     config = EvalConfig(files=args.files, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                        tf_tokens=args.tf_tokens, methods=tuple(args.methods), temperatures=tuple(args.temperatures),
-                        seed=args.seed)
+                        tf_tokens=args.tf_tokens, methods=tuple(methods), temperatures=tuple(args.temperatures),
+                        seed=0 if args.seed is None else args.seed)
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     results = evaluate(args.run, out, config, progress=not args.no_progress)
     print(markdown_table(results))
     print(f"wrote eval.json, table.md, tau.png, acceptance.png and traces.jsonl to {out}", file=sys.stderr)
+    return 0
+
+
+def _eval_bench(args) -> int:
+    from dspark.eval.bench import BenchConfig, bench_table, evaluate_bench, load_models, write_outputs
+
+    if args.run is not None:
+        raise ValueError("--run (a nano run) and --model / --bench (chat benchmarks) exclude each other")
+    if not args.model or not args.bench:
+        raise ValueError("chat benchmarks need both --model DIR and --bench FILE.jsonl[,FILE...]")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: no checkpoint directory at {args.model}")
+    benches, drafts = _comma_list(args.bench), _comma_list(args.draft)
+    for name, paths, kind in (("--bench", benches, "file"), ("--draft", drafts, "directory")):
+        missing = [p for p in paths if not (Path(p).is_file() if kind == "file" else Path(p).is_dir())]
+        if missing:
+            raise ValueError(f"{name}: no such {kind}: {', '.join(missing)}")
+    config = BenchConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         seed=980406 if args.seed is None else args.seed, max_samples=args.max_samples,
+                         methods=tuple(_comma_list(args.methods)) or None, num_draft_tokens=args.num_draft_tokens,
+                         enable_thinking=args.thinking)
+    models = load_models(args.model, drafts, dtype=DTYPES[args.dtype], device=args.device, kernels=args.kernels)
+    results = evaluate_bench(models, benches, config, progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path("bench-results")
+    write_outputs(results, out)
+    print(bench_table(results))
+    print(f"wrote bench.json and bench.md to {out}", file=sys.stderr)
     return 0
 
 
@@ -352,7 +414,7 @@ def cmd_serve(args) -> int:
                          default_max_tokens=args.default_max_tokens,
                          chat_template=chat_template_of(model) or PLAIN_CHAT_TEMPLATE)
     server = Server(llm, config, host=args.host, port=args.port, log_level=args.log_level)
-    print(f"serving {name!r} ({args.method}, scheduler {args.scheduler}) at {server.url}/v1", file=sys.stderr)
+    print(f"serving {name!r} ({llm.method}, scheduler {args.scheduler}) at {server.url}/v1", file=sys.stderr)
     server.serve_forever()
     return 0
 
@@ -392,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "a preset with RANDOM weights, whose output is noise that only shows the stack runs.")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH",
-                        help="checkpoint directory: config.json, safetensors (HF or upstream names, sharded "
-                             "FP8/FP4 accepted) and tokenizer.json")
+                        help="checkpoint directory: a DeepSeek-V4 checkpoint (HF or upstream names, sharded "
+                             "FP8/FP4 accepted) or a dense HF snapshot (Qwen3, Llama-3, Gemma 4), with tokenizer.json")
     source.add_argument("--preset", metavar="NAME",
                         help="nano (the embedded trained model, when shipped) or a random-weight preset such as "
                              "tiny or flash-proxy (default: nano if shipped, else tiny)")
@@ -401,10 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt text; repeat for several prompts (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--prompt-file", action="append", metavar="FILE",
                    help="read one prompt from FILE ('-' for stdin); repeatable, combines with --prompt")
-    g.add_argument("--method", choices=list(METHODS), default="ar",
+    g.add_argument("--chat", action="append", metavar="TEXT",
+                   help="a user message, rendered with the checkpoint's chat template (needs --model DIR with "
+                        "one); repeat for several conversations; excludes --prompt / --prompt-file")
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --chat: pass enable_thinking=true/false to the template (Qwen3's thinking switch; "
+                        "default: the template's own)")
+    g.add_argument("--draft", metavar="DIR",
+                   help="draft checkpoint directory of a draft method: a DeepSpec DSpark / DFlash / EAGLE-3 draft "
+                        "(e.g. deepseek-ai/dspark_qwen3_8b_block7) or a V4 -DSpark release (default: the model's "
+                        "drafts/<method>)")
+    g.add_argument("--method", choices=list(METHODS),
                    help="decoding method: ar (plain autoregressive), mtp (the model's MTP module drafts), "
-                        "ngram (prompt lookup), dspark / dflash / dflash-l1 / dspark-v4 (a trained draft shipped "
-                        "next to the model); every method gives the same output distribution (default: ar)")
+                        "ngram (prompt lookup), dspark / dflash / dflash-l1 / dspark-v4 / eagle3 (a trained draft: "
+                        "--draft DIR, or one shipped next to the model); every method gives the same output "
+                        "distribution (default: the --draft's method, read from its config.json; else ar)")
     g.add_argument("--scheduler", choices=SCHEDULERS,
                    default="fixed", help="how many drafted tokens each round verifies (confidence-based ones need "
                                          "a dspark draft; hardware / async profile SPS first) (default: fixed)")
@@ -542,8 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", metavar="DIR|nano",
                     help="checkpoint directory, nano (the embedded model) or a random-weight preset such as tiny "
                          "(default: nano if shipped, else tiny)")
-    sv.add_argument("--method", choices=list(METHODS), default="ar",
-                    help="decoding method; every method gives the same output distribution (default: ar)")
+    sv.add_argument("--method", choices=list(METHODS),
+                    help="decoding method; every method gives the same output distribution (default: the --draft's "
+                         "method, read from its config.json; else ar)")
     sv.add_argument("--draft", metavar="DIR",
                     help="the trained draft of a block method (default: the model's drafts/<method>)")
     sv.add_argument("--scheduler", choices=SCHEDULERS, default="fixed",
@@ -574,14 +648,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dspark.eval import METHODS as EVAL_METHODS
 
+    from dspark.eval.bench import BENCH_METHODS
+
     e = sub.add_parser(
-        "eval", help="acceptance table of every drafting method on a nano run's held-out text",
+        "eval", help="acceptance tables: a nano run's held-out text, or chat benchmarks (DeepSpec's rules)",
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure every drafting method of a nano run (dspark train-nano) on held-out code and\n"
-                    "prose: end-to-end generation through the engine and teacher-forced acceptance on the\n"
-                    "true text, at each temperature. mtp-k and ngram draft k tokens, k = the DSpark block size.")
-    e.add_argument("--run", required=True, metavar="DIR", help="a finished nano run directory")
-    e.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
+        description="--run DIR: measure every drafting method of a nano run (dspark train-nano) on held-out\n"
+                    "code and prose: end-to-end generation through the engine and teacher-forced acceptance on\n"
+                    "the true text, at each temperature. mtp-k and ngram draft k tokens, k = the DSpark block\n"
+                    "size.\n"
+                    "--model DIR --bench FILE.jsonl: τ per benchmark and method on a real checkpoint and its\n"
+                    "drafts, with DeepSpec's evaluation rules (its JSONL files, prompts and defaults).")
+    e.add_argument("--run", metavar="DIR", help="a finished nano run directory")
+    e.add_argument("--out", metavar="DIR",
+                   help="output directory (default: RUN/eval; with --bench: ./bench-results)")
     e.add_argument("--files", type=int, default=16, metavar="N",
                    help="held-out files (prompts) per domain (default: 16)")
     e.add_argument("--prompt-tokens", type=int, default=128, metavar="P",
@@ -590,12 +670,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated per prompt (default: 128)")
     e.add_argument("--tf-tokens", type=int, default=512, metavar="N",
                    help="teacher-forced span: each file's first N tokens (default: 512)")
-    e.add_argument("--methods", nargs="+", choices=EVAL_METHODS, default=list(EVAL_METHODS), metavar="METHOD",
-                   help=f"methods to compare (default: all of {' '.join(EVAL_METHODS)})")
+    e.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"methods to compare, space- or comma-separated; a nano run: some of "
+                        f"{' '.join(EVAL_METHODS)} (default: all); --bench: some of {' '.join(BENCH_METHODS)} "
+                        f"(default: ar, ngram, mtp where the target has it, and every --draft's method)")
     e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0], metavar="T",
                    help="sampling temperatures; 0 is greedy (default: 0 1)")
-    e.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="sampling seeds (file i uses S + i) and the bootstrap's seed (default: 0)")
+    e.add_argument("--seed", type=int, metavar="S",
+                   help="sampling seeds (file / sample i uses S + i) and the bootstrap's seed (default: 0; "
+                        "with --bench 980406, DeepSpec's, which also picks its sample subsets)")
+    b = e.add_argument_group("chat benchmarks (--model DIR --bench FILE.jsonl)")
+    b.add_argument("--model", metavar="DIR",
+                   help="target checkpoint directory with tokenizer.json and a chat template (e.g. a downloaded "
+                        "Qwen/Qwen3-8B snapshot, or a DeepSeek-V4 checkpoint)")
+    b.add_argument("--draft", action="append", metavar="DIR[,DIR...]",
+                   help="draft checkpoint directories, comma-separated or repeated; each one's method (dspark, "
+                        "dflash, dspark-v4, ...) is read from its config.json")
+    b.add_argument("--bench", action="append", metavar="FILE[,FILE...]",
+                   help="benchmark files in DeepSpec's eval_datasets JSONL format ({\"turns\": [...]} per line; "
+                        "the first turn is the prompt), comma-separated or repeated; named by file stem")
+    b.add_argument("--max-new-tokens", type=int, default=2048, metavar="N",
+                   help="most tokens generated per sample (default: 2048, DeepSpec's)")
+    b.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature (default: 1, DeepSpec's)")
+    b.add_argument("--max-samples", type=int, metavar="N",
+                   help="samples per benchmark, a seeded random subset (default: DeepSpec's cap per known "
+                        "benchmark name, e.g. gsm8k 500, mt-bench 80; every row of other files)")
+    b.add_argument("--num-draft-tokens", type=int, metavar="K",
+                   help="tokens drafted per round by ngram and mtp (default: theirs; drafts use their block)")
+    b.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="render prompts with enable_thinking=true (default: false, as DeepSpec)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default: fp32)")
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    b.add_argument("--kernels", choices=KERNELS, default="auto", help="kernel implementation (default: auto)")
     e.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch CPU threads; 0 keeps torch's default (default: 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,7 +1,9 @@
-"""Text in and out: tokenizers, incremental detokenization and stop strings.
+"""Text in and out: tokenizers, chat templates, incremental detokenization and stop strings.
 
 A `Tokenizer` is an HF `tokenizers` tokenizer plus the few facts generation needs from a
-checkpoint's JSON configs (eos ids, whether to prepend BOS). Output text always skips special
+checkpoint's JSON configs (eos ids, whether to prepend BOS). A `ChatTemplate` is the checkpoint's
+own Jinja chat template, rendered and encoded as transformers' `apply_chat_template` does (the one
+renderer: `LLM.chat`, the server and `dspark eval --bench` all use it). Output text always skips special
 tokens. Streaming has two stages per request: `IncrementalDetokenizer` turns token ids into
 UTF-8-safe text deltas, then `StopStringMatcher` cuts the text before the first stop string and
 holds back any tail that could still become one.
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from datetime import datetime
 from typing import Iterable, Sequence
 
+import jinja2
+import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -36,16 +41,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens=False` leaves out the BOS / post-processor tokens
+        (rendered chat templates write their own)."""
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
         # tokenizer_config's add_bos_token is applied by transformers, not by tokenizer.json's
         # post-processor; honour it without doubling a BOS the post-processor already added.
-        if self.add_bos and ids[:1] != [self.bos_token_id]:
+        if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int | None) -> str:
+        """The text of a special token for templates ('' for none)."""
+        return (self.hf.id_to_token(token_id) or "") if token_id is not None else ""
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -109,6 +120,108 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if bad:
         raise ValueError(f"{path}: special token ids {bad} outside the tokenizer's {vocab} tokens")
     return Tokenizer(hf, eos_token_ids=dict.fromkeys(eos), bos_token_id=bos, add_bos=add_bos)
+
+
+# ---------------------------------------------------------------------------------- chat templates
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class ChatTemplateError(ValueError):
+    """Messages the template refuses (it calls raise_exception) or that are not chat messages."""
+
+
+def _raise_template_error(message: str):
+    raise jinja2.TemplateError(message)  # `render` turns it into a ChatTemplateError naming the template
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    # transformers' own tojson: jinja2's built-in one HTML-escapes <, >, & and ' (tool schemas would change)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def read_chat_template(path: str | Path) -> tuple[str, Path] | None:
+    """(template source, the file it came from) of checkpoint directory `path`, or None if it has none.
+
+    As transformers: a `chat_template.jinja` file wins over tokenizer_config.json's `chat_template`,
+    which is a string or a list of named templates (the one named "default" is used)."""
+    path = Path(path)
+    file = path / CHAT_TEMPLATE_FILE
+    if file.is_file():
+        try:
+            return file.read_text(encoding="utf-8"), file
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not readable UTF-8 text ({e})") from None
+    config = path / "tokenizer_config.json"
+    template = _read_json(config).get("chat_template") if config.is_file() else None
+    if template is None:
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        if template is None:
+            raise ValueError(f"{config}: chat_template lists templates {sorted(map(str, named))} but none named "
+                             "'default'")
+    if not isinstance(template, str):
+        raise ValueError(f"{config}: chat_template must be a string or a list of named templates, "
+                         f"got {type(template).__name__}")
+    return template, config
+
+
+def no_chat_template(path: str | Path) -> str:
+    """What to say when checkpoint directory `path` has no chat template: where it was looked for."""
+    path = Path(path)
+    return (f"{path} has no chat template (looked for {path / CHAT_TEMPLATE_FILE} and the chat_template field of "
+            f"{path / 'tokenizer_config.json'})")
+
+
+class ChatTemplate:
+    """A Jinja chat template bound to its tokenizer, rendered as transformers' `apply_chat_template`:
+    a sandboxed environment with trim_blocks / lstrip_blocks and loop controls, `raise_exception`,
+    `strftime_now`, transformers' `tojson`, the tokenizer's `bos_token` / `eos_token` strings (not its
+    other special tokens), `tools` / `documents` (None unless given), and any extra keyword (Qwen3's
+    `enable_thinking`, ...) passed through to the template."""
+
+    def __init__(self, source: str, tokenizer: Tokenizer, origin: str | Path = "chat template"):
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_template_error  # what HF chat templates call on bad input
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{origin}: not a valid Jinja chat template ({e})") from None
+        self.tokenizer = tokenizer
+        self.origin = str(origin)
+        # tokenizer_config's eos_token comes first in eos_token_ids (load_tokenizer), as transformers' eos_token
+        first_eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        self._special = {"bos_token": tokenizer.token_text(tokenizer.bos_token_id),
+                         "eos_token": tokenizer.token_text(first_eos)}
+
+    @classmethod
+    def of_checkpoint(cls, path: str | Path, tokenizer: Tokenizer) -> "ChatTemplate | None":
+        found = read_chat_template(path)
+        return None if found is None else cls(found[0], tokenizer, found[1])
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text of one conversation (`messages`: dicts with a `role` and a `content` string)."""
+        if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence) or not messages:
+            raise ChatTemplateError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got "
+                                    f"{messages!r}"[:300])
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ChatTemplateError(f"message {i} must be a dict with a string 'role', got {m!r}"[:300])
+        try:
+            # tools / documents are None unless given, as transformers passes them (templates test `is none`)
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         **{"tools": None, "documents": None, **self._special, **kwargs})
+        except jinja2.TemplateError as e:  # templates raise on message orders they do not allow
+            raise ChatTemplateError(f"the chat template ({self.origin}) refused the messages: {e}") from None
+
+    def encode(self, messages: Sequence[dict], **kwargs) -> list[int]:
+        """Token ids of the rendered prompt: the template writes its own special tokens, so none are added
+        (transformers' `apply_chat_template(tokenize=True)`)."""
+        return self.tokenizer.encode(self.render(messages, **kwargs), add_special_tokens=False)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,5 +1,6 @@
 """`dspark generate` with the random tiny preset (or the embedded nano model where named): streamed
-text, completions, the stats line, progress on a terminal, --help, and one-line errors for bad input."""
+text, completions, the stats line, progress on a terminal, --help, and one-line errors for bad input;
+`--chat` with `--model DIR --draft DIR` on a tiny snapshot with its own chat template."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dspark.cli import main
 from dspark.config import ModelConfig
 from dspark.model import DeepseekV4
 from dspark.text import byte_tokenizer
+from tests.helpers.text_checkpoints import snapshot
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -81,6 +83,20 @@ def test_checkpoint_directory(capsys, tmp_path):
     assert rc == 0 and out == preset_out and "RANDOM" not in err
 
 
+def test_chat_with_a_draft_gives_the_ar_text(capsys, tmp_path_factory):
+    """--chat renders the snapshot's own template; --draft DIR drafts with a DeepSpec DSpark draft."""
+    model_dir, drafts = snapshot(tmp_path_factory)
+    chat = ["--model", str(model_dir), "--chat", "What is 12 times 7?", "--no-thinking"]
+    rc, ar_out, err = run(capsys, *chat)
+    assert rc == 0 and err.strip().splitlines()[-1].startswith("method ar: ")
+    rc, out, err = run(capsys, *chat, "--method", "dspark", "--draft", str(drafts["dspark"]))
+    assert rc == 0 and out == ar_out and err.strip().splitlines()[-1].startswith("method dspark: ")
+    rc, out, err = run(capsys, *chat, "--draft", str(drafts["eagle3"]))  # the method read from the draft's config
+    assert rc == 0 and out == ar_out and err.strip().splitlines()[-1].startswith("method eagle3: ")
+    rc, out, _ = run(capsys, *chat[:-1], "--chat", "Reverse a string.", "--thinking")
+    assert rc == 0 and "--- completion 2/2 " in out
+
+
 def test_progress_rewrites_a_line_on_a_terminal(capsys, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
@@ -101,7 +117,8 @@ def test_help(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--model", "--preset", "--prompt-file", "--method", "--num-draft-tokens", "--max-tokens",
-                 "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--dtype", "--device", "--threads"):
+                 "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--dtype", "--device", "--threads",
+                 "--chat", "--draft", "--thinking"):
         assert flag in out
     assert "examples:" in out and "RANDOM" in out
 
@@ -129,6 +146,9 @@ def test_bad_flags_exit_2(capsys, args):
     (["--preset", "huge"], "known presets"),
     (["--prompt", ""], "empty"),
     (["--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
+    (["--chat", "hi", "--prompt", "x"], "exclude each other"),
+    (["--chat", "hi"], "has no chat template (looked for "),
+    (["--method", "dspark", "--draft", "/no/such/draft"], "--draft: no draft checkpoint directory"),
 ])
 def test_bad_values_exit_1(capsys, args, message):
     rc = main(["generate", *args])

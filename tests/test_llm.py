@@ -1,5 +1,6 @@
 """`LLM` on the random tiny preset: text and token ids agree, greedy and seeds repeat, streams equal
-generate, stop strings / stop tokens / eos cut the output, logprobs match a dense forward."""
+generate, stop strings / stop tokens / eos cut the output, logprobs match a dense forward; and
+`LLM.chat` on a tiny Qwen3 snapshot with its own chat template, eos list and DSpark draft."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dspark.checkpoint import save
 from dspark.config import ModelConfig
 from dspark.llm import LLM
 from dspark.model import DeepseekV4
-from dspark.text import byte_tokenizer
+from dspark.text import ChatTemplateError, byte_tokenizer
+from tests.helpers.text_checkpoints import qwen3_model, snapshot
 
 PROMPTS = ["def fibonacci(n):", "héllo 👋 wörld", "x"]
 
@@ -173,6 +175,8 @@ def test_bad_construction():
         LLM("tiny", kernels="cuda")
     with pytest.raises(ValueError, match="drafts nothing"):
         LLM("tiny", num_draft_tokens=2)
+    with pytest.raises(ValueError, match="method 'ngram' takes no trained draft, but draft='d' was given"):
+        LLM("tiny", method="ngram", draft="d")
     with pytest.raises(ValueError, match="one prompt"):
         LLM.stream(None, ["a", "b"])
 
@@ -194,3 +198,64 @@ def test_hostile_arguments_are_refused_by_name_or_run(llm, field, value):
         return
     assert len(out) == 1 and out[0].finish_reason in ("stop", "length")
     assert not llm.engine.has_unfinished()
+
+
+# ------------------------------------------------------------------------------ chat
+CHAT = [{"role": "user", "content": "What is 12 times 7?"}]
+
+
+@pytest.fixture(scope="module")
+def chat_llms(tmp_path_factory):
+    model_dir, drafts = snapshot(tmp_path_factory)
+    return LLM(model_dir), LLM(model_dir, method="dspark", draft=drafts["dspark"])
+
+
+def test_chat_renders_the_checkpoints_template_and_drafts_losslessly(chat_llms):
+    ar, dspark = chat_llms
+    assert ar.eos_token_ids == (ar.tokenizer.hf.token_to_id("<|im_end|>"), ar.tokenizer.hf.token_to_id("<|endoftext|>"))
+    (ids,) = ar.chat_prompts(CHAT, enable_thinking=False)
+    assert ids == ar.tokenizer.encode("<|im_start|>user\nWhat is 12 times 7?<|im_end|>\n<|im_start|>assistant\n"
+                                      "<think>\n\n</think>\n\n", add_special_tokens=False)
+    (default,) = ar.chat_prompts(CHAT)  # without enable_thinking the template leaves the think block out
+    assert default == ids[:len(default)] and len(default) < len(ids)
+    want = ar.generate_ids([ids], max_tokens=16)[0]
+    hf = qwen3_model().generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert want.finish_reason == "length" and want.token_ids == hf  # the snapshot decodes as transformers does
+    got = dspark.chat(CHAT, max_tokens=16, enable_thinking=False)
+    assert len(got) == 1 and got[0].token_ids == want.token_ids and got[0].text == want.text  # greedy is lossless
+    assert got[0].stats.tau >= 1 and dspark.method == "dspark"
+    two = ar.chat([CHAT, [{"role": "system", "content": "Be brief."}, *CHAT]], max_tokens=4,
+                  chat_template_kwargs={"enable_thinking": False})
+    assert len(two) == 2 and two[0].token_ids == want.token_ids[:4]
+
+
+def test_the_drafts_method_comes_from_its_config(tmp_path_factory):
+    model_dir, drafts = snapshot(tmp_path_factory)
+    assert LLM(model_dir, draft=drafts["eagle3"]).method == "eagle3"  # no method given: the draft's own
+    assert LLM(model_dir, method="dflash-l1", draft=drafts["dflash"]).method == "dflash-l1"  # one config for both
+    for method, kind in (("dspark", "eagle3"), ("dflash", "dspark")):
+        with pytest.raises(ValueError, match=f"holds a draft for method '{kind}' \\(read from its config.json\\), "
+                                             f"not for '{method}': pass method='{kind}'"):
+            LLM(model_dir, method=method, draft=drafts[kind])
+    with pytest.raises(ValueError, match="'tiny' is a random preset: it has no trained draft"):
+        LLM("tiny", draft=drafts["dspark"])
+
+
+def test_chat_errors(chat_llms, llm, tmp_path_factory, tmp_path):
+    ar, _ = chat_llms
+    with pytest.raises(ChatTemplateError, match="refused the messages: unknown role tool"):
+        ar.chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="conversation"):
+        ar.chat("hello")
+    with pytest.raises(ValueError, match="random-weight preset: it has no chat template"):
+        llm.chat(CHAT)
+    model_dir, _ = snapshot(tmp_path_factory)
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"no chat template \\(looked for {tmp_path}/chat_template.jinja and the "
+                                         f"chat_template field of {tmp_path}/tokenizer_config.json\\)"):
+        LLM(tmp_path).chat(CHAT)

@@ -1,5 +1,6 @@
 """Tokenizers and streaming text: byte-tokenizer round trips, incremental detokenization equal to
-a full decode (byte, byte-level BPE and Metaspace BPE tokenizers), UTF-8 safety, stop strings."""
+a full decode (byte, byte-level BPE and Metaspace BPE tokenizers), UTF-8 safety, stop strings, and
+chat templates rendered and encoded as transformers' apply_chat_template."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dspark.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer, byte_tokenizer, load_tokenizer
+from dspark.text import (ChatTemplate, ChatTemplateError, IncrementalDetokenizer, StopStringMatcher, Tokenizer,
+                         byte_tokenizer, load_tokenizer, read_chat_template)
+from tests.helpers.text_checkpoints import QWEN3_STYLE_TEMPLATE, tokenizer_files
 
 # The properties below take milliseconds per example: run more than the CI profile's default.
 CHEAP_EXAMPLES = 200
@@ -193,6 +196,83 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
     with pytest.raises(ValueError, match="eos_token_id must be"):
         load_tokenizer(tmp_path)
+
+
+# ------------------------------------------------------------------------------ chat templates
+# What HF templates use beyond plain Jinja: loop controls, transformers' tojson (no HTML escaping),
+# strftime_now, eos_token, and keywords passed through.
+FEATURES_TEMPLATE = ("{%- for m in messages %}{%- if loop.index0 > 1 %}{% break %}{% endif %}"
+                     "{{ m.role }}:{{ m.content | tojson }}\n{% endfor %}{{ extra | tojson }}{{ eos_token }}"
+                     "{{ strftime_now('%Y') | length }}{{ tools is none }}{{ documents is none }}")
+CONVERSATION = [{"role": "system", "content": "Be <brief> & exact"}, {"role": "user", "content": "héllo 👋"},
+                {"role": "assistant", "content": "hi"}]
+
+
+@pytest.mark.parametrize("where", ["config", "jinja"])
+@pytest.mark.parametrize("source, kwargs", [(QWEN3_STYLE_TEMPLATE, {"enable_thinking": False}),
+                                            (QWEN3_STYLE_TEMPLATE, {}),
+                                            (FEATURES_TEMPLATE, {"extra": {"k": "<b> é"}})],
+                         ids=["qwen3-no-thinking", "qwen3", "features"])
+def test_chat_template_matches_transformers(tmp_path, where, source, kwargs):
+    from transformers import AutoTokenizer
+
+    tokenizer_files(tmp_path, template=where, source=source)
+    ours = ChatTemplate.of_checkpoint(tmp_path, load_tokenizer(tmp_path))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for messages in (CONVERSATION[:2], CONVERSATION):
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        assert ours.render(messages, **kwargs) == text
+        assert ours.encode(messages, **kwargs) == hf(text, add_special_tokens=False).input_ids
+    if kwargs.get("enable_thinking") is False:
+        assert ours.render(CONVERSATION[1:2], **kwargs).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_chat_template_files(tmp_path):
+    tokenizer_files(tmp_path, template=None)
+    assert read_chat_template(tmp_path) is None
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "config {{ 1 }}"}))
+    assert read_chat_template(tmp_path) == ("config {{ 1 }}", tmp_path / "tokenizer_config.json")
+    (tmp_path / "chat_template.jinja").write_text("file")  # the .jinja file wins, as in transformers
+    assert read_chat_template(tmp_path) == ("file", tmp_path / "chat_template.jinja")
+    (tmp_path / "chat_template.jinja").unlink()
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    assert read_chat_template(tmp_path)[0] == "plain"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named[:1]}))
+    with pytest.raises(ValueError, match="none named 'default'"):
+        read_chat_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": 3}))
+    with pytest.raises(ValueError, match="chat_template must be a string"):
+        read_chat_template(tmp_path)
+
+
+def test_chat_template_errors(tmp_path):
+    tok = load_tokenizer(tokenizer_files(tmp_path))
+    with pytest.raises(ValueError, match="my.jinja: not a valid Jinja chat template"):
+        ChatTemplate("{% for %}", tok, "my.jinja")
+    template = ChatTemplate(QWEN3_STYLE_TEMPLATE, tok)
+    with pytest.raises(ChatTemplateError, match="refused the messages: unknown role tool"):
+        template.render([{"role": "tool", "content": "x"}])
+    for bad in ([], "hi", [{"content": "no role"}], {"role": "user", "content": "x"}):
+        with pytest.raises(ChatTemplateError, match="message"):
+            template.render(bad)
+    sandboxed = ChatTemplate("{{ messages.__class__.__mro__ }}", tok)  # templates are data, never code
+    with pytest.raises(ChatTemplateError):
+        sandboxed.render([{"role": "user", "content": "x"}])
+
+
+def test_chat_encoding_adds_no_special_tokens(tmp_path):
+    """A template writes its own BOS; encoding the rendered text must not add a second one."""
+    tok = bpe("bytelevel")
+    tok.hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+         "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"}))
+    loaded = load_tokenizer(tmp_path)
+    ids = ChatTemplate.of_checkpoint(tmp_path, loaded).encode([{"role": "user", "content": "the fox"}])
+    assert ids == [0, *tok.encode("the fox"), 1]
+    assert loaded.encode("the fox") == [0, *tok.encode("the fox")]  # plain text still gets add_bos_token
 
 
 # ------------------------------------------------------------------------------ stop strings

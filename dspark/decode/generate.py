@@ -12,8 +12,10 @@ requests that arrive while it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
+from dspark import checkpoint
 from dspark.config import EngineConfig, SamplingParams
 from dspark.decode.engine import Engine, RequestOutput
 from dspark.decode.methods import Method
@@ -137,7 +139,9 @@ def generate(target, prompts: Sequence[Sequence[int]], *, method: str | Method =
              seed=None, eos_token_id=None, max_batch: int = 8, max_seq_len: int | None = None,
              **config_fields) -> list[GenerationResult]:
     """Generate for every prompt (lists of token ids) with a new engine; scalars broadcast, lists give
-    per-prompt values. `draft` is the trained draft of a block method (dspark, dflash, ...).
+    per-prompt values. `draft` is the trained draft of a block method (dspark, dflash, ...): a model,
+    or a checkpoint directory loaded with `dspark.checkpoint.load_draft(draft, target)` in the
+    target's dtype, device and kernels.
 
     `seed` as an int gives prompt i the seed `seed + i`; `eos_token_id` (int or list) stops a request
     when emitted (the stop token is kept in `token_ids`). Other keywords are `EngineConfig` fields
@@ -157,6 +161,10 @@ def generate(target, prompts: Sequence[Sequence[int]], *, method: str | Method =
                                        _per_prompt(max_new_tokens, n, "max_new_tokens"))]
     config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, num_draft_tokens=num_draft_tokens,
                           **config_fields)
+    if isinstance(draft, (str, Path)):
+        weight = next(target.parameters())
+        draft = checkpoint.load_draft(draft, target, dtype=weight.dtype, device=weight.device,
+                                      kernels=getattr(target.config, "kernels", "auto"))
     return collect(Engine(target, method, draft=draft, config=config), prompts, params)
 
 

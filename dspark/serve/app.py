@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-import jinja2.sandbox
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -29,7 +28,7 @@ from dspark.serve.metrics import Metrics
 from dspark.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now,
                                    param_of)
 from dspark.serve.worker import Admitted, Delta, Rejected, Submission, Worker
-from dspark.text import StopStringMatcher
+from dspark.text import ChatTemplate, ChatTemplateError, StopStringMatcher, read_chat_template
 
 # The plain template of models that ship none (nano): one "role: content" line per message.
 PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -49,30 +48,19 @@ class ServeConfig:
 
 
 def chat_template_of(model: str | Path) -> str | None:
-    """The checkpoint's chat template (tokenizer_config.json), if it has one."""
+    """The checkpoint's chat template (chat_template.jinja or tokenizer_config.json), if it has one."""
     root = PACKAGED.get(str(model), Path(model))
-    for path in (root / "target" / "tokenizer_config.json", root / "tokenizer_config.json"):
-        if path.is_file():
-            template = json.loads(path.read_text()).get("chat_template")
-            if isinstance(template, str):
-                return template
+    for path in (root / "target", root):
+        if path.is_dir() and (found := read_chat_template(path)) is not None:
+            return found[0]
     return None
-
-
-def _raise_template_error(message: str):
-    raise jinja2.TemplateError(message)
 
 
 class _State:
     def __init__(self, llm: LLM, worker: Worker, metrics: Metrics, config: ServeConfig):
         self.llm, self.worker, self.metrics, self.config = llm, worker, metrics, config
         self.in_flight = 0  # engine requests admitted by this front end and not yet finished
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error  # what HF chat templates call on bad input
-        self.chat_template = env.from_string(config.chat_template)
-        tok = llm.tokenizer  # the special tokens a checkpoint's template writes out as text
-        self.bos_token = tok.hf.id_to_token(tok.bos_token_id) or "" if tok.bos_token_id is not None else ""
-        self.eos_token = tok.hf.id_to_token(tok.eos_token_ids[0]) or "" if tok.eos_token_ids else ""
+        self.chat_template = ChatTemplate(config.chat_template, llm.tokenizer)  # dspark.text: the one renderer
 
     @property
     def capacity(self) -> int:
@@ -168,11 +156,9 @@ def _prompts(state: _State, body, chat: bool) -> list[list[int]]:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         try:
-            text = state.chat_template.render(messages=messages, add_generation_prompt=True,
-                                              bos_token=state.bos_token, eos_token=state.eos_token)
-        except jinja2.TemplateError as e:  # templates raise on message orders they do not allow
-            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
-        prompts = [tok.encode(text)]
+            prompts = [state.chat_template.encode(messages)]
+        except ChatTemplateError as e:  # templates raise on message orders they do not allow
+            raise APIError(400, str(e), param="messages") from None
     else:
         p = body.prompt
         if isinstance(p, str):
