@@ -9,13 +9,18 @@ from dspark.config import EngineConfig
 from dspark.decode import Engine, generate, methods
 from dspark.decode.block import BlockDrafter
 from dspark.decode.drafter import Drafter
+from dspark.decode.eagle3 import Eagle3Drafter
 from dspark.decode.mtp import MTPDrafter
 from dspark.decode.ngram import NgramDrafter
 from tests.helpers.drafters import greedy_ar, oracle_method, peaked_model, prompts, tiny_dspark_draft
+from tests.helpers.eagle3 import tiny_eagle3_draft
 
 
 def test_registry_lists_every_method_once_with_its_needs():
-    assert list(methods.METHODS) == ["ar", "mtp", "ngram", "dspark", "dflash", "dflash-l1", "dspark-v4"]
+    assert list(methods.METHODS) == ["ar", "mtp", "ngram", "dspark", "dflash", "dflash-l1", "dspark-v4",
+                                    "eagle3"]
+    # eagle3 needs a draft but is not one our recipe trains (its drafts come from DeepSpec's releases)
+    assert [m for m, spec in methods.METHODS.items() if spec.needs_draft] == [*methods.draft_methods(), "eagle3"]
     assert methods.draft_methods() == ("dspark", "dflash", "dflash-l1", "dspark-v4")
     assert [m for m, spec in methods.METHODS.items() if spec.needs_mtp] == ["mtp"]
     with pytest.raises(ValueError, match="unknown method 'magic'"):
@@ -23,10 +28,15 @@ def test_registry_lists_every_method_once_with_its_needs():
 
 
 @pytest.mark.parametrize("method,kind,gamma", [("ar", Drafter, 0), ("mtp", MTPDrafter, 1), ("ngram", NgramDrafter, 4),
-                                               ("dspark", BlockDrafter, 5), ("dflash", BlockDrafter, 5)])
+                                               ("dspark", BlockDrafter, 5), ("dflash", BlockDrafter, 5),
+                                               ("eagle3", Eagle3Drafter, 4)])
 def test_the_engine_builds_the_methods_drafter_with_its_sizes(method, kind, gamma):
     model = peaked_model()
-    draft = tiny_dspark_draft(model.config.vocab_size) if methods.get(method).needs_draft else None
+    draft = None
+    if method == "eagle3":
+        draft = tiny_eagle3_draft(model, ttt_length=gamma)
+    elif methods.get(method).needs_draft:
+        draft = tiny_dspark_draft(model.config.vocab_size)
     engine = Engine(model, method, draft, EngineConfig(max_batch=3, max_seq_len=64))
     assert type(engine.drafter) is kind and engine.drafter.num_draft_tokens == gamma
     assert engine.method == method and engine.num_draft_tokens == gamma

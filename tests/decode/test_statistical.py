@@ -9,18 +9,17 @@ G-test (cells with expected count < 5 pooled) must not reject: p > 1e-3.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
 
-from dspark import ops
 from dspark.config import DraftConfig, DSparkFields, ModelConfig
 from dspark.decode import generate
 from dspark.draft.deepspec import DraftModel
 from dspark.draft.v4 import V4DSparkDraft
 from dspark.model.target import DeepseekV4
 from tests.helpers.drafters import oracle_method, wrong_method
+from tests.helpers.joint import exact_joint, g_test
 
 V, PROMPT_LEN, NEW = 6, 13, 4
 FILTERS = {"plain": dict(temperature=1.0), "top_k": dict(temperature=0.8, top_k=3),
@@ -41,61 +40,9 @@ PROMPT = [3, 1, 4, 1, 5, 2, 0, 2, 5, 3, 5, 4, 2]
 
 
 @functools.lru_cache(maxsize=None)
-def exact_joint(filter_name: str) -> torch.Tensor:
-    """P(t1..t4) [V, V, V, V] from one dense forward over every 3-token continuation."""
-    f = FILTERS[filter_name]
-    model = small_vocab_model()
-    conts = torch.cartesian_prod(*[torch.arange(V)] * (NEW - 1))  # [V³, 3]
-    ids = torch.cat([torch.tensor(PROMPT).expand(conts.shape[0], -1), conts], dim=1)
-    with torch.no_grad():
-        logits = model(ids)[:, PROMPT_LEN - 1:]  # [V³, 4, V]
-    n = logits.shape[0] * NEW
-    p = ops.probs(logits.reshape(n, V), torch.full((n,), f["temperature"]), torch.full((n,), f.get("top_k", 0)),
-                  torch.full((n,), f.get("top_p", 1.0))).double().view(V, V, V, NEW, V)  # [t1, t2, t3, step, next]
-    p1, p2, p3, p4 = p[0, 0, 0, 0], p[:, 0, 0, 1], p[:, :, 0, 2], p[:, :, :, 3]  # p(t_i | t_<i)
-    return p1[:, None, None, None] * p2[:, :, None, None] * p3[:, :, :, None] * p4
-
-
-def g_test(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of a G-test of `counts` against `probs`, pooling cells expected below 5."""
-    n = counts.sum()
-    expected = probs.flatten() * n
-    counts = counts.flatten().double()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    assert float(obs[exp == 0].sum()) == 0 if (exp == 0).any() else True
-    g = 2 * float(torch.where(obs > 0, obs * torch.log(obs / exp), torch.zeros_like(obs)).sum())
-    dof = int(keep.sum()) - 1
-    return _chi2_sf(g, dof)
-
-
-def _chi2_sf(x: float, k: int) -> float:
-    """Survival function of the chi-square distribution (regularised upper incomplete gamma)."""
-    a, z = k / 2.0, x / 2.0
-    if z < a + 1:  # series for the lower part
-        term = total = 1.0 / a
-        for n in range(1, 10000):
-            term *= z / (a + n)
-            total += term
-            if term < total * 1e-15:
-                break
-        return max(0.0, 1.0 - total * math.exp(-z + a * math.log(z) - math.lgamma(a)))
-    # continued fraction for the upper part
-    b, c, d = z + 1 - a, 1e300, 1.0 / (z + 1 - a)
-    h = d
-    for i in range(1, 10000):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = 1.0 / d if abs(d) > 1e-300 else 1e300
-        c = b + an / c if abs(c) > 1e-300 else 1e300
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h * math.exp(-z + a * math.log(z) - math.lgamma(a))
+def joint(filter_name: str) -> torch.Tensor:
+    """P(t1..t4) [V, V, V, V] of the small model after PROMPT under the filter."""
+    return exact_joint(small_vocab_model(), PROMPT, FILTERS[filter_name])
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +103,7 @@ CASES = [("ar", None), ("mtp", 1), ("mtp", 2), ("ngram", 2), ("wrong", None), ("
                                                       ("dspark-v4", None, "top_k")])
 def test_joint_distribution_small(method, gamma, filter_name):
     counts = sample_counts(method, gamma, filter_name, samples=2048)
-    assert g_test(counts, exact_joint(filter_name)) > 1e-3
+    assert g_test(counts, joint(filter_name)) > 1e-3
 
 
 @pytest.mark.parametrize("scheduler", ["hardware", "async", "threshold-survival"])
@@ -164,7 +111,7 @@ def test_joint_distribution_under_confidence_schedulers(scheduler):
     """Verify lengths chosen from the draft's confidences (calibrated or not) never bias the output."""
     counts = sample_counts("dspark-gated", None, "plain", samples=2048, scheduler=scheduler, sps=SPS, threshold=0.3,
                            adapt=scheduler != "async")
-    assert g_test(counts, exact_joint("plain")) > 1e-3
+    assert g_test(counts, joint("plain")) > 1e-3
     # coverage: the scheduler really chose different verify lengths across requests and rounds
     res = generate(small_vocab_model(), [PROMPT] * 64, method="dspark", draft=random_draft("dspark-gated"),
                    max_new_tokens=NEW,
@@ -179,19 +126,19 @@ def test_joint_distribution_under_confidence_schedulers(scheduler):
 @pytest.mark.parametrize("method,gamma", CASES)
 def test_joint_distribution(method, gamma, filter_name):
     counts = sample_counts(method, gamma, filter_name, samples=100_000, batch=1024)
-    assert g_test(counts, exact_joint(filter_name)) > 1e-3
+    assert g_test(counts, joint(filter_name)) > 1e-3
 
 
 @pytest.mark.extended
 @pytest.mark.parametrize("scheduler", ["hardware", "async"])
 def test_joint_distribution_under_schedulers_large(scheduler):
     counts = sample_counts("dspark-vanilla", None, "plain", samples=100_000, batch=1024, scheduler=scheduler, sps=SPS)
-    assert g_test(counts, exact_joint("plain")) > 1e-3
+    assert g_test(counts, joint("plain")) > 1e-3
 
 
 def test_g_test_detects_a_biased_sampler():
     """The harness has power: a 3 % bias on one token is caught at the default sample size."""
-    probs = exact_joint("plain")
+    probs = joint("plain")
     g = torch.Generator().manual_seed(0)
     flat = probs.flatten()
     biased = flat.clone()

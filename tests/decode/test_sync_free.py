@@ -15,6 +15,7 @@ from dspark.config import ModelConfig
 from dspark.decode import generate
 from dspark.model.target import DeepseekV4
 from tests.helpers.drafters import TOY_SPS, tiny_dspark_draft, wrong_method
+from tests.helpers.eagle3 import tiny_eagle3_draft
 
 aten = torch.ops.aten
 SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -66,7 +67,7 @@ def test_the_guard_catches_syncs():
                 bad()
 
 
-@pytest.mark.parametrize("method", ["ar", "mtp", "ngram", "wrong", "dspark"])
+@pytest.mark.parametrize("method", ["ar", "mtp", "ngram", "wrong", "dspark", "eagle3"])
 def test_steps_have_no_host_syncs(method, monkeypatch):
     monkeypatch.setattr(engine_module, "prefill_step", guarded(engine_module.prefill_step))
     for step in ("decode_round", "draft_and_schedule", "verify_round"):
@@ -79,8 +80,10 @@ def test_steps_have_no_host_syncs(method, monkeypatch):
     elif method == "dspark":  # a DSpark draft with the hardware scheduler and online adaptation
         draft = tiny_dspark_draft(config.vocab_size)
         extra = dict(scheduler="hardware", sps=TOY_SPS, adapt=True)
+    elif method == "eagle3":
+        draft = tiny_eagle3_draft(model)
     res = generate(model, [[5, 6, 7], list(range(10, 40))], method=kind, draft=draft,
-                   num_draft_tokens=None if method in ("ar", "wrong", "dspark") else 2,
+                   num_draft_tokens=None if method in ("ar", "wrong", "dspark", "eagle3") else 2,
                    max_new_tokens=12, max_seq_len=96, temperature=1.0, top_k=50, top_p=0.9, seed=3, max_batch=4,
                    prefill_chunk=16, token_bucket=4, **extra)
     assert all(len(r.token_ids) == 12 for r in res)
