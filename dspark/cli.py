@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
     llm = LLM(args.model or args.preset or default_model(), method=args.method, draft=args.draft,
               num_draft_tokens=args.num_draft_tokens,
               dtype=args.dtype, device=args.device, max_batch=min(len(prompts), 8), scheduler=args.scheduler,
-              cuda_graphs=args.cuda_graphs, kernels=args.kernels)
+              cuda_graphs=args.cuda_graphs, compile=args.compile, kernels=args.kernels)
     streaming = len(prompts) == 1
     escapes = _TERMINAL_ESCAPES if sys.stdout.isatty() else {}
     if not sys.stderr.isatty():
@@ -483,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "a dspark draft; hardware / async profile SPS first) (default: fixed)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode rounds from CUDA graphs (needs --device cuda)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile decode rounds with torch.compile (inductor, C++) on CPU: minutes for each new round "
+                        "shape on the first run, read from inductor's cache ($TORCHINDUCTOR_CACHE_DIR, default "
+                        "/tmp/torchinductor_$USER) afterwards (default: off)")
     g.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="auto: Triton kernels on CUDA, PyTorch references elsewhere; ref: references everywhere "
                         "(to bisect a GPU mismatch); triton: kernels everywhere (on CPU only with "

@@ -140,7 +140,7 @@ class LLM:
                  draft: str | Path | None = None,
                  num_draft_tokens: int | None = None, dtype: str = "fp32", device: str = "cpu", max_batch: int = 8,
                  max_seq_len: int | None = None, seed: int = 0, scheduler: str = "fixed", cuda_graphs: bool = False,
-                 kernels: str = "auto"):
+                 compile: bool | None = False, kernels: str = "auto"):
         # Arguments are checked before a checkpoint that may take minutes is loaded.
         path_or_preset = default_model() if path_or_preset is None else path_or_preset
         if kernels not in KERNELS:
@@ -155,7 +155,7 @@ class LLM:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}")
         config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, num_draft_tokens=num_draft_tokens,
-                              scheduler=scheduler, cuda_graphs=cuda_graphs)
+                              scheduler=scheduler, cuda_graphs=cuda_graphs, compile=compile)
         try:
             kind = torch.device(device).type
         except RuntimeError as e:

@@ -259,3 +259,9 @@ def test_chat_errors(chat_llms, llm, tmp_path_factory, tmp_path):
     with pytest.raises(ValueError, match=f"no chat template \\(looked for {tmp_path}/chat_template.jinja and the "
                                          f"chat_template field of {tmp_path}/tokenizer_config.json\\)"):
         LLM(tmp_path).chat(CHAT)
+
+
+def test_compile_reaches_the_engine_config():
+    # Checked before any model is built: compiled rounds are the CPU path, CUDA graphs the GPU one.
+    with pytest.raises(ValueError, match="compile=True and cuda_graphs=True"):
+        LLM("tiny", compile=True, cuda_graphs=True)

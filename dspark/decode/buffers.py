@@ -28,6 +28,9 @@ class SlotState:
     samples: list[bool] = field(default_factory=list)
     uses_top_k: list[bool] = field(default_factory=list)
     uses_top_p: list[bool] = field(default_factory=list)
+    # Whether any slot samples / uses top-k / top-p, kept up to date by assign and release: what
+    # `sampling()` reads, so a compiled round depends on these three flags, not on every slot's.
+    any_used: tuple[bool, bool, bool] = (False, False, False)
     # Host-side, per round: every position the round touches is below it (0 = unknown); see
     # `dspark.model.batch.context_bucket`. The verify batch and the drafters bound their reads by it.
     context: int = 0
@@ -52,6 +55,7 @@ class SlotState:
         self.top_p[slot] = params.top_p
         self.samples[slot] = params.temperature > 0
         self.uses_top_k[slot], self.uses_top_p[slot] = params.top_k > 0, params.top_p < 1
+        self._update_any_used()
         self.seed[slot] = seed
         self.offset[slot] = 0
         self.stop_tokens[slot] = -1
@@ -61,8 +65,13 @@ class SlotState:
     def release(self, slot: int) -> None:
         """Host-side: the slot's request is done; its parameters no longer count."""
         self.samples[slot] = self.uses_top_k[slot] = self.uses_top_p[slot] = False
+        self._update_any_used()
+
+    def _update_any_used(self) -> None:
+        self.any_used = (any(self.samples), any(self.uses_top_k), any(self.uses_top_p))
 
     def sampling(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(temperature, top_k, top_p) rows for the sampling ops; None: every slot greedy / a filter no slot uses."""
-        return (self.temperature if any(self.samples) else None, self.top_k if any(self.uses_top_k) else None,
-                self.top_p if any(self.uses_top_p) else None)
+        samples, uses_top_k, uses_top_p = self.any_used
+        return (self.temperature if samples else None, self.top_k if uses_top_k else None,
+                self.top_p if uses_top_p else None)

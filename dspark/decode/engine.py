@@ -20,6 +20,7 @@ from dspark.config import EngineConfig, SamplingParams
 from dspark.decode import methods
 from dspark.decode.adapt import AcceptanceTracker
 from dspark.decode.buffers import SlotState
+from dspark.decode.compiled import CompiledRounds, use_compiled_rounds
 from dspark.decode.graphs import CapturedRounds
 from dspark.decode.schedule import make_scheduler
 from dspark.decode.stats import RequestStats
@@ -96,6 +97,9 @@ class Engine:
         self.tracker = AcceptanceTracker(self.max_batch, max(gamma, 1), device=self.device) if config.adapt else None
         # Decode rounds replayed from CUDA graphs (dspark/decode/graphs.py); prefill stays eager.
         self.graphs = CapturedRounds(self.max_batch, self.device) if config.cuda_graphs else None
+        # Or compiled by inductor on CPU (dspark/decode/compiled.py), keyed like the graphs.
+        compile_rounds = use_compiled_rounds(config.compile, self.device, getattr(cfg, "kernels", "auto"))
+        self.compiled = CompiledRounds() if compile_rounds else None
         self.last_round_requests = 0  # requests in the last decode round; 0 after a prefill step (benchmarks)
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
@@ -311,21 +315,17 @@ class Engine:
         shape = (tuple(f is None for f in self.slots.sampling()), self.slots.context)
         target, cache, drafter, slots = self.target, self.cache, self.drafter, self.slots
         if self.scheduler.sized_before_drafting:
-            round_ = lambda: decode_round(target, cache, drafter, slots, plan)  # noqa: E731
-            res = round_() if g is None else g.run(("round", bucket, shape), round_)
+            res = self._run(("round", bucket, shape), decode_round, target, cache, drafter, slots, plan)
         else:
             # A synchronous adaptive scheduler: read what it chose (one scalar) and verify only that
             # many rows; a bucket sized for full blocks would cost as much as verifying them all.
-            draft = lambda: draft_and_schedule(drafter, slots, plan)  # noqa: E731
-            drafted = draft() if g is None else g.run(("draft", shape), draft)
+            drafted = self._run(("draft", shape), draft_and_schedule, drafter, slots, plan)
             bucket = self._pad(int(drafted.rows))
-            verify = lambda: verify_round(target, cache, drafter, slots, plan, drafted, bucket)  # noqa: E731
-            if g is None:
-                res = verify()
-            elif g.is_static(("draft", shape), drafted):
-                res = g.run(("verify", bucket, shape), verify)
+            if g is None or g.is_static(("draft", shape), drafted):
+                res = self._run(("verify", bucket, shape), verify_round, target, cache, drafter, slots, plan, drafted,
+                                bucket)
             else:  # an eager draft's outputs are not at fixed addresses: a graph must not capture them
-                res = verify()
+                res = verify_round(target, cache, drafter, slots, plan, drafted, bucket)
         # Host read (the round's sync, besides an adaptive scheduler's row count): what to stream, and
         # the counts the next layout needs.
         tokens, num, accepted = res.tokens.tolist(), res.num_tokens.tolist(), res.accepted.tolist()
@@ -350,6 +350,14 @@ class Engine:
                 self._finish(req, "length")
             outputs.append(self._output(req, new))
         return outputs
+
+    def _run(self, key, fn, *args):
+        """fn(*args), one round or half of one: replayed from its CUDA graph, compiled, or eager."""
+        if self.graphs is not None:
+            return self.graphs.run(key, lambda: fn(*args))
+        if self.compiled is not None:
+            return self.compiled.run(key, fn, *args)
+        return fn(*args)
 
     def _take(self, req: _Request, tokens: list[int], logprobs: list[float]) -> int:
         """Append a step's emitted tokens to the request; returns how many were taken.
