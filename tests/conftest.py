@@ -11,10 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the default tier runs two workers) each worker takes one core: two workers with two
+# torch threads each would fight over the two cores (everything 10-100x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
-# Small profile for CI (2 cores, the whole default tier in ~10 minutes); larger ones for the
+# Small profile for CI (2 cores, two workers: the whole default tier in ~7 minutes); larger ones for the
 # extended tier and GPU runs. No deadlines: CPU timing on shared cores is noise.
 settings.register_profile("ci", max_examples=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
