@@ -62,37 +62,26 @@ def hf_twin(target, model_dir: Path | None):
     return hf.eval()
 
 
-def nano_prompts(count: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of the first `count` held-out code files of the nano corpus (manifest order)
-    that are long enough, read from this machine's standard library."""
-    manifest = json.loads((NANO / "corpus_manifest.json").read_text())
-    stdlib = CorpusSources.default().stdlib
-    tok = load_tokenizer(NANO / "target")
+def prompts_from(paths, tokenizer_dir: Path, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens (the checkpoint's own tokenizer) of the first `count` files long enough."""
+    tok = load_tokenizer(tokenizer_dir)
     prompts = []
-    for doc in manifest["documents"]:
-        if doc["split"] != "heldout" or doc["source"] != "stdlib":
-            continue
-        path = stdlib / doc["relpath"].removeprefix("stdlib/")
-        if path.exists():
-            ids = tok.encode(path.read_text(errors="replace"))
-            if len(ids) >= length:
-                prompts.append(ids[:length])
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(f"error: only {len(prompts)} held-out code files with {length} tokens found on this machine")
-
-
-def snapshot_prompts(model_dir: Path, count: int, length: int) -> list[list[int]]:
-    """Python standard-library files (sorted by name) through the snapshot's own tokenizer."""
-    tok = load_tokenizer(model_dir)
-    prompts = []
-    for path in sorted(CorpusSources.default().stdlib.glob("*.py")):
+    for path in paths:
         ids = tok.encode(path.read_text(errors="replace"))
         if len(ids) >= length:
             prompts.append(ids[:length])
         if len(prompts) == count:
             return prompts
-    raise SystemExit(f"error: only {len(prompts)} standard-library files with {length} tokens")
+    raise SystemExit(f"error: only {len(prompts)} files with {length} tokens found on this machine")
+
+
+def nano_files() -> list[Path]:
+    """The nano corpus's held-out code files (manifest order), read from this machine's standard library."""
+    manifest = json.loads((NANO / "corpus_manifest.json").read_text())
+    stdlib = CorpusSources.default().stdlib
+    paths = (stdlib / d["relpath"].removeprefix("stdlib/") for d in manifest["documents"]
+             if d["split"] == "heldout" and d["source"] == "stdlib")
+    return [p for p in paths if p.exists()]
 
 
 def systems(target, hf, drafts: dict, methods: list[str], dense: bool, new_tokens: int, lookup: int,
@@ -203,8 +192,9 @@ def main(argv=None) -> int:
     hf = hf_twin(target, model_dir)
     dense = model_dir is not None
     batches = [int(b) for b in args.batch.split(",")]
-    prompts_all = (nano_prompts if model_dir is None else lambda c, n: snapshot_prompts(model_dir, c, n))(
-        max(batches), args.prompt_tokens)
+    files = nano_files() if model_dir is None else sorted(CorpusSources.default().stdlib.glob("*.py"))
+    prompts_all = prompts_from(files, NANO / "target" if model_dir is None else model_dir, max(batches),
+                               args.prompt_tokens)
     table = systems(target, hf, drafts, methods, dense, args.new_tokens, args.lookup, args.compile)
 
     rows = []
