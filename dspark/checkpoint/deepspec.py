@@ -41,26 +41,48 @@ def layout_fields(kind: str, hidden_size: int) -> dict:
     return dict(attention_scale=1.0, value_norm=True, sandwich_norms=True, embed_scale=float(hidden_size) ** 0.5)
 
 
-def draft_config_from_dict(d: dict) -> DraftConfig:
-    """Translate a DeepSpec draft config.json dict (Qwen3 or Gemma 4 fields + DeepSpec fields) into a `DraftConfig`."""
+def layout_kind(d, architectures: dict[str, str], required, what: str) -> str:
+    """The layout ("qwen3" / "gemma4") a DeepSpec config dict names in `architectures` (kind → class name), after
+    checking it is a dict naming exactly one of them and holding every `required` field."""
     if not isinstance(d, dict):
         raise ValueError(f"config must be a dict, got {type(d).__name__}")
     arch = d.get("architectures")
-    kinds = [kind for kind, name in ARCHITECTURES.items() if isinstance(arch, list) and name in arch]
+    kinds = [kind for kind, name in architectures.items() if isinstance(arch, list) and name in arch]
     if len(kinds) != 1:
-        raise ValueError(f"architectures {arch!r} is not a DeepSpec DSpark/DFlash draft (expected one of "
-                         f"{[[name] for name in ARCHITECTURES.values()]})")
-    missing = [k for k in _REQUIRED if d.get(k) is None]
+        raise ValueError(f"architectures {arch!r} is not {what} (expected one of "
+                         f"{[[name] for name in architectures.values()]})")
+    missing = [k for k in required if d.get(k) is None]
     if missing:
         raise ValueError(f"config lacks {missing}")
-    backbone = qwen3_backbone(d) if kinds[0] == "qwen3" else gemma4_backbone(d)
+    return kinds[0]
+
+
+def backbone_fields(cfg) -> dict:
+    """The HF backbone fields DeepSpec writes for a draft config of either layout (DraftConfig or Eagle3Config)."""
+    if cfg.kind == "qwen3":
+        return dict(model_type="qwen3", hidden_act="silu", num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                    rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"}, use_sliding_window=False)
+    # The target's sliding-layer head_dim / num_key_value_heads are unknown here: the draft's own stand in.
+    return dict(model_type="gemma4_text", hidden_activation=cfg.hidden_act, global_head_dim=cfg.head_dim,
+                head_dim=cfg.head_dim, attention_k_eq_v=cfg.k_eq_v, num_key_value_heads=cfg.num_kv_heads,
+                num_global_key_value_heads=cfg.num_kv_heads, final_logit_softcapping=cfg.logit_softcap,
+                rope_parameters={"full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_theta,
+                                                    "partial_rotary_factor": cfg.rope_fraction}},
+                enable_moe_block=False, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                use_double_wide_mlp=False)
+
+
+def draft_config_from_dict(d: dict) -> DraftConfig:
+    """Translate a DeepSpec draft config.json dict (Qwen3 or Gemma 4 fields + DeepSpec fields) into a `DraftConfig`."""
+    kind = layout_kind(d, ARCHITECTURES, _REQUIRED, "a DeepSpec DSpark/DFlash draft")
+    backbone = qwen3_backbone(d) if kind == "qwen3" else gemma4_backbone(d)
     taps = d["target_layer_ids"]
     if not isinstance(taps, list):
         raise ValueError(f"target_layer_ids must be a list, got {taps!r}")
     rank = d.get("markov_rank") or 0
     confidence = bool(d.get("enable_confidence_head", False))
     return DraftConfig(
-        kind=kinds[0], **backbone, **layout_fields(kinds[0], d["hidden_size"]),
+        kind=kind, **backbone, **layout_fields(kind, d["hidden_size"]),
         hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
         intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"], block_size=d["block_size"],
         mask_token_id=d["mask_token_id"], target_layer_ids=tuple(taps), num_target_layers=d["num_target_layers"],
@@ -157,18 +179,7 @@ def draft_config_to_dict(cfg: DraftConfig, dtype: torch.dtype = torch.bfloat16) 
         "vocab_size": cfg.vocab_size, "layer_types": ["full_attention"] * cfg.num_layers,
         "tie_word_embeddings": False, "dtype": str(dtype).removeprefix("torch."),
     }
-    if cfg.kind == "qwen3":
-        d.update(model_type="qwen3", hidden_act="silu", num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                 rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"}, use_sliding_window=False)
-    else:
-        # The target's sliding-layer head_dim / num_key_value_heads are unknown here: the draft's own stand in.
-        d.update(model_type="gemma4_text", hidden_activation=cfg.hidden_act, global_head_dim=cfg.head_dim,
-                 head_dim=cfg.head_dim, attention_k_eq_v=cfg.k_eq_v, num_key_value_heads=cfg.num_kv_heads,
-                 num_global_key_value_heads=cfg.num_kv_heads, final_logit_softcapping=cfg.logit_softcap,
-                 rope_parameters={"full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_theta,
-                                                     "partial_rotary_factor": cfg.rope_fraction}},
-                 enable_moe_block=False, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
-                 use_double_wide_mlp=False)
+    d.update(backbone_fields(cfg))
     d.update({
         "block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id,
         "target_layer_ids": list(cfg.target_layer_ids), "num_target_layers": cfg.num_target_layers,

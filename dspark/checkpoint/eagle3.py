@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dspark.checkpoint.deepspec import GEMMA4_MODEL_TYPES, gemma4_backbone, layout_fields, qwen3_backbone
+from dspark.checkpoint.deepspec import (GEMMA4_MODEL_TYPES, backbone_fields, gemma4_backbone, layout_fields, layout_kind,
+                                        qwen3_backbone)
 from dspark.checkpoint.reader import config_path, load_state_strictly, raw_config
 from dspark.config import Eagle3Config
 from dspark.draft.eagle3 import Eagle3Draft
@@ -45,21 +46,11 @@ def is_eagle3_draft(path: str | Path) -> bool:
 
 def eagle3_config_from_dict(d: dict) -> Eagle3Config:
     """Translate a DeepSpec EAGLE-3 config.json dict (Qwen3 or Gemma 4 fields + DeepSpec's) into an `Eagle3Config`."""
-    if not isinstance(d, dict):
-        raise ValueError(f"config must be a dict, got {type(d).__name__}")
-    arch = d.get("architectures")
-    kinds = [kind for kind, name in ARCHITECTURES.items() if isinstance(arch, list) and name in arch]
-    if len(kinds) != 1:
-        raise ValueError(f"architectures {arch!r} is not a DeepSpec EAGLE-3 draft (expected one of "
-                         f"{[[name] for name in ARCHITECTURES.values()]})")
-    missing = [k for k in _REQUIRED if d.get(k) is None]
-    if missing:
-        raise ValueError(f"config lacks {missing}")
+    kind = layout_kind(d, ARCHITECTURES, _REQUIRED, "a DeepSpec EAGLE-3 draft")
     if d["num_hidden_layers"] != 1 or d.get("draft_num_hidden_layers", 1) != 1:
         raise ValueError(f"num_hidden_layers {d['num_hidden_layers']} (draft_num_hidden_layers "
                          f"{d.get('draft_num_hidden_layers')}): only single-layer EAGLE-3 drafts are supported, as "
                          f"in DeepSpec's evaluator")
-    kind = kinds[0]
     model_types = ("qwen3",) if kind == "qwen3" else GEMMA4_MODEL_TYPES
     if d.get("model_type", "qwen3" if kind == "qwen3" else None) not in model_types:
         raise ValueError(f"model_type {d.get('model_type')!r}: a {ARCHITECTURES[kind]} config has model_type in "
@@ -94,18 +85,7 @@ def eagle3_config_to_dict(cfg: Eagle3Config, dtype: torch.dtype = torch.bfloat16
         "dtype": str(dtype).removeprefix("torch."), "target_layer_ids": list(cfg.target_layer_ids),
         "num_target_layers": cfg.num_target_layers, "ttt_length": cfg.ttt_length,
     }
-    if cfg.kind == "qwen3":
-        d.update(model_type="qwen3", hidden_act="silu", num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                 rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"}, use_sliding_window=False)
-    else:
-        # The target's sliding-layer head_dim / num_key_value_heads are unknown here: the draft's own stand in.
-        d.update(model_type="gemma4_text", hidden_activation=cfg.hidden_act, global_head_dim=cfg.head_dim,
-                 head_dim=cfg.head_dim, attention_k_eq_v=cfg.k_eq_v, num_key_value_heads=cfg.num_kv_heads,
-                 num_global_key_value_heads=cfg.num_kv_heads, final_logit_softcapping=cfg.logit_softcap,
-                 rope_parameters={"full_attention": {"rope_type": "proportional", "rope_theta": cfg.rope_theta,
-                                                     "partial_rotary_factor": cfg.rope_fraction}},
-                 enable_moe_block=False, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
-                 use_double_wide_mlp=False)
+    d.update(backbone_fields(cfg))
     return d
 
 
