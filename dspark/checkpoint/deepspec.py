@@ -57,6 +57,16 @@ def layout_kind(d, architectures: dict[str, str], required, what: str) -> str:
     return kinds[0]
 
 
+def check_expressible(cfg, architecture: str) -> None:
+    """Refuse a draft config (DraftConfig or Eagle3Config) whose layout fields its DeepSpec layout fixes otherwise."""
+    fixed = layout_fields(cfg.kind, cfg.hidden_size)
+    if cfg.kind == "qwen3":
+        fixed.update(hidden_act="silu", rope_fraction=1.0, k_eq_v=False, logit_softcap=None)
+    wrong = {k: getattr(cfg, k) for k, want in fixed.items() if getattr(cfg, k) != want}
+    if wrong:
+        raise ValueError(f"a {architecture} config cannot express {wrong} (the layout fixes {fixed})")
+
+
 def backbone_fields(cfg) -> dict:
     """The HF backbone fields DeepSpec writes for a draft config of either layout (DraftConfig or Eagle3Config)."""
     if cfg.kind == "qwen3":
@@ -165,12 +175,7 @@ def gemma4_backbone(d: dict) -> dict:
 
 def draft_config_to_dict(cfg: DraftConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
     """A DeepSpec-style config.json dict for `cfg` (`draft_config_from_dict` inverts it)."""
-    fixed = layout_fields(cfg.kind, cfg.hidden_size)
-    if cfg.kind == "qwen3":
-        fixed.update(hidden_act="silu", rope_fraction=1.0, k_eq_v=False, logit_softcap=None)
-    wrong = {k: getattr(cfg, k) for k, want in fixed.items() if getattr(cfg, k) != want}
-    if wrong:
-        raise ValueError(f"a {ARCHITECTURES[cfg.kind]} config cannot express {wrong} (the layout fixes {fixed})")
+    check_expressible(cfg, ARCHITECTURES[cfg.kind])
     d = {
         "architectures": [ARCHITECTURES[cfg.kind]], "attention_bias": False, "attention_dropout": 0.0,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,

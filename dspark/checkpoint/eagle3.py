@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dspark.checkpoint.deepspec import (GEMMA4_MODEL_TYPES, backbone_fields, gemma4_backbone, layout_fields, layout_kind,
-                                        qwen3_backbone)
+from dspark.checkpoint.deepspec import (GEMMA4_MODEL_TYPES, backbone_fields, check_expressible, gemma4_backbone,
+                                        layout_fields, layout_kind, qwen3_backbone)
 from dspark.checkpoint.reader import config_path, load_state_strictly, raw_config
 from dspark.config import Eagle3Config
 from dspark.draft.eagle3 import Eagle3Draft
@@ -70,12 +70,7 @@ def eagle3_config_from_dict(d: dict) -> Eagle3Config:
 
 def eagle3_config_to_dict(cfg: Eagle3Config, dtype: torch.dtype = torch.bfloat16) -> dict:
     """A DeepSpec-style config.json dict for `cfg` (`eagle3_config_from_dict` inverts it)."""
-    fixed = layout_fields(cfg.kind, cfg.hidden_size)
-    if cfg.kind == "qwen3":
-        fixed.update(hidden_act="silu", rope_fraction=1.0, k_eq_v=False, logit_softcap=None)
-    wrong = {k: getattr(cfg, k) for k, want in fixed.items() if getattr(cfg, k) != want}
-    if wrong:
-        raise ValueError(f"a {ARCHITECTURES[cfg.kind]} config cannot express {wrong} (the layout fixes {fixed})")
+    check_expressible(cfg, ARCHITECTURES[cfg.kind])
     d = {
         "architectures": [ARCHITECTURES[cfg.kind]], "attention_bias": False, "attention_dropout": 0.0,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": 1, "draft_num_hidden_layers": 1,

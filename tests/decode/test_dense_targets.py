@@ -25,7 +25,7 @@ from dspark.draft.eagle3 import Eagle3Draft
 from tests.helpers.drafters import accepted_against, oracle_method, rounds_of
 from tests.helpers.eagle3 import reference_chain, tiny_eagle3_draft
 from tests.helpers.hf import dense_hf_model
-from tests.helpers.joint import exact_joint, g_test
+from tests.helpers.joint import exact_joint, g_test, sample_joint_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,17 +177,8 @@ def small_qwen3(tmp_path_factory):
 
 def _sample_counts(small_qwen3, method: str, filter_name: str, samples: int, batch: int = 1024):
     target, drafts = small_qwen3
-    counts, accepted, done = torch.zeros([V] * 4, dtype=torch.long), 0, 0
-    while done < samples:
-        n = min(batch, samples - done)
-        res = generate(target, [PROMPT] * n, method=method, draft=drafts[method], max_new_tokens=4, max_seq_len=64,
-                       max_batch=n, prefill_chunk=n * len(PROMPT),
-                       seed=[1_000_003 * (done + i) + 17 for i in range(n)], **FILTERS[filter_name])
-        for r in res:
-            counts[tuple(r.token_ids)] += 1
-            accepted += sum(r.stats.accepted)
-        done += n
-    return counts, accepted
+    return sample_joint_counts(target, PROMPT, 4, samples, batch, method=method, draft=drafts[method],
+                               **FILTERS[filter_name])
 
 
 def test_joint_distribution_small(small_qwen3):

@@ -21,7 +21,7 @@ from dspark.model.target import DeepseekV4
 from tests.compare import assert_close
 from tests.helpers.drafters import accepted_against, dspark_target as target, qwen_draft, rounds_of
 from tests.helpers.eagle3 import GOLDEN, reference_chain, tiny_eagle3_draft
-from tests.helpers.joint import exact_joint, g_test
+from tests.helpers.joint import exact_joint, g_test, sample_joint_counts
 
 PROMPTS = ([7, 8, 9], list(range(20, 34)), list(range(100, 133)))
 NEW = 36
@@ -156,17 +156,8 @@ def small_draft():
 
 
 def sample_counts(filter_name: str, samples: int, batch: int) -> tuple[torch.Tensor, int]:
-    counts, accepted, done = torch.zeros([V] * NEW_SAMPLED, dtype=torch.long), 0, 0
-    while done < samples:
-        n = min(batch, samples - done)
-        res = generate(small_vocab_model(), [PROMPT] * n, method="eagle3", draft=small_draft(),
-                       max_new_tokens=NEW_SAMPLED, max_seq_len=64, max_batch=n, prefill_chunk=n * len(PROMPT),
-                       seed=[1_000_003 * (done + i) + 17 for i in range(n)], **FILTERS[filter_name])
-        for r in res:
-            counts[tuple(r.token_ids)] += 1
-            accepted += sum(r.stats.accepted)
-        done += n
-    return counts, accepted
+    return sample_joint_counts(small_vocab_model(), PROMPT, NEW_SAMPLED, samples, batch, method="eagle3",
+                               draft=small_draft(), **FILTERS[filter_name])
 
 
 def test_joint_distribution_small():

@@ -1,5 +1,5 @@
 """The end-to-end distribution tests' tools: the exact joint of a tiny model's first new tokens and a
-G-test of sampled counts against it. Any target whose call `model(ids [B, T])` gives logits [B, T, V] serves
+G-test of sampled counts against it, and the sampled counts themselves. Any target whose call `model(ids [B, T])` gives logits [B, T, V] serves
 (DeepseekV4, DenseTarget)."""
 
 from __future__ import annotations
@@ -67,3 +67,24 @@ def exact_joint(model, prompt: list[int], sampling: dict) -> torch.Tensor:
     p = p.double().view(v, v, v, new, v)  # [t1, t2, t3, step, next]
     p1, p2, p3, p4 = p[0, 0, 0, 0], p[:, 0, 0, 1], p[:, :, 0, 2], p[:, :, :, 3]  # p(t_i | t_<i)
     return p1[:, None, None, None] * p2[:, :, None, None] * p3[:, :, :, None] * p4
+
+
+def sample_joint_counts(target, prompt: list[int], new_tokens: int, samples: int, batch: int,
+                        **generate_kwargs) -> tuple[torch.Tensor, int]:
+    """Counts [V] * new_tokens of the first `new_tokens` tokens of `samples` requests on `prompt` (request j
+    seeded 1_000_003·j + 17, `batch` at a time through `dspark.decode.generate` with `generate_kwargs`: method,
+    draft, sampling filters), and the number of drafts accepted over all of them."""
+    from dspark.decode import generate
+
+    v = target.config.vocab_size
+    counts, accepted, done = torch.zeros([v] * new_tokens, dtype=torch.long), 0, 0
+    while done < samples:
+        n = min(batch, samples - done)
+        res = generate(target, [prompt] * n, max_new_tokens=new_tokens, max_seq_len=64, max_batch=n,
+                       prefill_chunk=n * len(prompt), seed=[1_000_003 * (done + i) + 17 for i in range(n)],
+                       **generate_kwargs)
+        for r in res:
+            counts[tuple(r.token_ids)] += 1
+            accepted += sum(r.stats.accepted)
+        done += n
+    return counts, accepted
